@@ -1,0 +1,1 @@
+"""Pallas kernel families (each in its own subpackage) with their pure-JAX references."""
