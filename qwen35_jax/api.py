@@ -12,8 +12,12 @@ from qwen35_jax import model as M
 from qwen35_jax.config import ModelConfig
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _concrete(x) -> np.ndarray | None:
+    """The value of ``x`` as numpy, or None when it is traced (inside an outer jit)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _check_inputs(cfg: ModelConfig, input_ids, attention_mask, position_ids) -> None:
@@ -29,8 +33,8 @@ def _check_inputs(cfg: ModelConfig, input_ids, attention_mask, position_ids) -> 
         raise ValueError(f"input_ids is empty (shape {tuple(shape)})")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
-    if _is_concrete(input_ids):
-        ids = np.asarray(input_ids)
+    ids = _concrete(input_ids)
+    if ids is not None:
         bad = (ids < 0) | (ids >= cfg.text.vocab_size)
         if bad.any():
             b, t = map(int, np.argwhere(bad)[0])

@@ -210,7 +210,7 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = Non
 
 def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int, v_head_dim: int, eps: float,
                    mask=None, conv_state=None, recurrent_state=None, implementation: str | None = None,
-                   chunk_size: int = 64):
+                   chunk_size: int = 64, solve: str | None = None, precision: str = "float32"):
     """The Gated DeltaNet mixer (HF ``Qwen3_5GatedDeltaNet``). x [B, T, D] after input_layernorm.
 
     ``p`` holds in_proj_qkv [2*Hk*K + Hv*V, D] (plain concat [q | k | v], head-major), in_proj_z,
@@ -238,6 +238,7 @@ def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int,
     k = l2_normalize(k)
     o, recurrent_state = gated_delta_rule(
         q, k, v, g, beta, initial_state=recurrent_state, implementation=implementation, chunk_size=chunk_size,
+        solve=solve, precision=precision,
     )
     y = gated_rms_norm(o, z, p["norm"], eps).reshape(B, T, num_v_heads * v_head_dim)
     return linear(y, p["out_proj"]), (conv_state, recurrent_state)

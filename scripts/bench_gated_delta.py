@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gated_delta import gated_delta_rule, gated_delta_step
+from pallas_kernels.gated_delta import gated_delta_rule, gated_delta_step, reference
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from benchlib import device_info, print_table, time_fn, write_json  # noqa: E402
@@ -73,7 +73,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill", default="1x4096,1x16384,8x2048")
     ap.add_argument("--decode", default="1,8,32")
-    ap.add_argument("--impls", default="chunked:triangular_solve,chunked:blocked")
+    ap.add_argument("--impls", default="chunked:blocked:float32,chunked:blocked:tf32x3,chunked:blocked:bf16x6",
+                    help="comma list of name[:solve[:precision[:chunk_size[:scan_unroll]]]]")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -100,8 +101,12 @@ def main(argv=None):
                          "Mtok_s": B * T / dt / 1e6, "rel_err_vs_fla": 0.0})
             print(rows[-1], flush=True)
         for impl in args.impls.split(","):
-            name, _, solve = impl.partition(":")
-            kw = {"solve": solve} if solve else {}
+            # name[:solve[:precision[:chunk_size[:scan_unroll]]]]
+            name, solve, precision, chunk, unroll = (impl.split(":") + [""] * 4)[:5]
+            reference.SCAN_UNROLL = int(unroll) if unroll else 1
+            kw = {k: v for k, v in (("solve", solve), ("precision", precision)) if v}
+            if chunk:
+                kw["chunk_size"] = int(chunk)
             fn = jax.jit(functools.partial(gated_delta_rule, implementation=name, **kw))
             try:
                 o, _ = jax.block_until_ready(fn(qj, kj, vj, gj, bj))

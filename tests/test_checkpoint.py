@@ -122,7 +122,8 @@ def test_token_ids_out_of_range(hf_checkpoints):
     ids[1, 3] = cfg.text.vocab_size + 7
     out = np.asarray(jax.jit(Q.forward, static_argnums=0)(cfg, params, jnp.asarray(ids)))
     assert np.isnan(out[1, 3]).all() and np.isfinite(out[0]).all()
-    np.testing.assert_array_equal(out[0], np.asarray(Q.forward(cfg, params, ids[:1])[0]))
+    # (equal up to float32 rounding: a GPU may tile the batch-1 and batch-2 matmuls differently)
+    np.testing.assert_allclose(out[0], np.asarray(Q.forward(cfg, params, ids[:1])[0]), rtol=1e-5, atol=1e-5)
 
 
 def test_other_bad_forward_inputs(hf_checkpoints):

@@ -19,14 +19,15 @@ from pallas_kernels.gated_delta import reference
 DEFAULT_IMPLEMENTATION = "chunked"
 
 
-def _chunked(q, k, v, g, beta, initial_state, *, chunk_size, out_dtype, solve):
+def _chunked(q, k, v, g, beta, initial_state, *, chunk_size, out_dtype, solve, precision):
     return reference.chunk_gated_delta_rule(
-        q, k, v, g, beta, initial_state, chunk_size=chunk_size, out_dtype=out_dtype, solve=solve
+        q, k, v, g, beta, initial_state, chunk_size=chunk_size, out_dtype=out_dtype, solve=solve,
+        precision=precision,
     )
 
 
-def _naive(q, k, v, g, beta, initial_state, *, chunk_size, out_dtype, solve):
-    del chunk_size, solve  # the token-by-token scan has neither
+def _naive(q, k, v, g, beta, initial_state, *, chunk_size, out_dtype, solve, precision):
+    del chunk_size, solve, precision  # the token-by-token scan has none of them
     return reference.naive_recurrent_gated_delta_rule(
         q, k, v, g, beta, initial_state, out_dtype=out_dtype
     )
@@ -44,7 +45,7 @@ def _check_float(name, x):
         raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
 
 
-def _validate(q, k, v, g, beta, initial_state, implementation, chunk_size, solve):
+def _validate(q, k, v, g, beta, initial_state, implementation, chunk_size, solve, precision):
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"unknown implementation {implementation!r}; valid: {sorted(_IMPLEMENTATIONS)} or None"
@@ -85,8 +86,10 @@ def _validate(q, k, v, g, beta, initial_state, implementation, chunk_size, solve
             )
         if initial_state.dtype != jnp.float32:
             raise ValueError(f"initial_state must be float32, got {initial_state.dtype}")
-    if solve not in reference.SOLVE_METHODS:
-        raise ValueError(f"solve must be one of {reference.SOLVE_METHODS}, got {solve!r}")
+    if solve is not None and solve not in reference.SOLVE_METHODS:
+        raise ValueError(f"solve must be one of {reference.SOLVE_METHODS} or None, got {solve!r}")
+    if precision not in reference.DOT_PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(reference.DOT_PRECISIONS)}, got {precision!r}")
     if not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if implementation == "chunked" and solve == "blocked" and chunk_size % 16:
@@ -106,7 +109,8 @@ def gated_delta_rule(
     implementation: str | None = None,
     chunk_size: int = 64,
     out_dtype=None,
-    solve: str = "triangular_solve",
+    solve: str | None = None,
+    precision: str = "float32",
 ):
     """Gated delta rule over a sequence (prefill / training).
 
@@ -119,16 +123,20 @@ def gated_delta_rule(
       implementation: "chunked" (WY/UT form), "naive" (token scan) or None (the default, chunked).
       chunk_size: tokens per chunk for the chunked form (a multiple of 16 for solve="blocked").
       out_dtype: dtype of o; defaults to v.dtype.
-      solve: unit-lower-triangular solve of the chunked form, "triangular_solve" or "blocked".
+      solve: unit-lower-triangular solve of the chunked form, "triangular_solve", "blocked" or
+        None (the faster one for the backend).
+      precision: dot arithmetic of the chunked form on GPU ("float32", "tf32x3", "bf16x6",
+        "bf16x3"; see reference.DOT_PRECISIONS). Other backends always compute in float32.
 
     Returns:
       (o [B, T, Hv, V], final_state [B, Hv, K, V] float32).
 
     Pure and shape-static: jit it with `static_argnames=("implementation", "chunk_size",
-    "out_dtype", "solve")`. Invalid shapes or options raise ValueError at trace time.
+    "out_dtype", "solve", "precision")`. Invalid shapes or options raise ValueError at trace time.
     """
     implementation = DEFAULT_IMPLEMENTATION if implementation is None else implementation
-    _validate(q, k, v, g, beta, initial_state, implementation, chunk_size, solve)
+    _validate(q, k, v, g, beta, initial_state, implementation, chunk_size, solve, precision)
     return _IMPLEMENTATIONS[implementation](
-        q, k, v, g, beta, initial_state, chunk_size=chunk_size, out_dtype=out_dtype, solve=solve
+        q, k, v, g, beta, initial_state, chunk_size=chunk_size, out_dtype=out_dtype, solve=solve,
+        precision=precision,
     )

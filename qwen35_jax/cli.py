@@ -1,0 +1,94 @@
+"""The ``qwen35-jax`` command.
+
+    qwen35-jax info CHECKPOINT                 config, parameter counts, tensors not used
+    qwen35-jax next-token CHECKPOINT --ids 1,2,3 [--top 5] [--dtype bfloat16]
+
+Later issues add ``generate``, ``quantize`` and ``ablate`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise SystemExit(f"--dtype must be float32, bfloat16 or float16, got {name!r}") from None
+
+
+def cmd_info(args) -> int:
+    from qwen35_jax import checkpoint, config, model
+    from qwen35_jax.safetensors_io import index_checkpoint
+
+    cfg = config.load_config(args.checkpoint)
+    t = cfg.text
+    specs = model.param_specs(cfg)
+    index = index_checkpoint(args.checkpoint)
+    stored = sorted({info.dtype for info in index.values()})
+    print(f"architecture      {cfg.architecture}")
+    print(f"layers            {t.num_hidden_layers} ({t.num_linear_attention_layers} Gated DeltaNet, "
+          f"{t.num_full_attention_layers} gated attention)")
+    print(f"hidden / mlp      {t.hidden_size} / {t.intermediate_size}")
+    print(f"attention         {t.num_attention_heads} q heads, {t.num_key_value_heads} kv heads, head dim "
+          f"{t.head_dim}, rotary dim {t.rotary_dim}, theta {t.rope_theta:g}")
+    print(f"deltanet          {t.linear_num_key_heads} key heads x {t.linear_key_head_dim}, "
+          f"{t.linear_num_value_heads} value heads x {t.linear_value_head_dim}, conv {t.linear_conv_kernel_dim}")
+    print(f"vocab             {t.vocab_size} ({'tied' if cfg.tie_word_embeddings else 'untied'} head)")
+    text = model.count_params(specs, "language_model.") + model.count_params(specs, "lm_head.")
+    print(f"parameters        {text:,} text" + (f" + {model.count_params(specs, 'visual.'):,} vision" if cfg.vision else ""))
+    print(f"stored dtypes     {', '.join(stored)}; {len(index)} tensors")
+    unused = [n for n in index if checkpoint.from_hf_name(cfg, n) not in specs]
+    if unused:
+        print(f"not used          {len(unused)} tensors, e.g. {', '.join(sorted(unused)[:3])}")
+    return 0
+
+
+def cmd_next_token(args) -> int:
+    import qwen35_jax as Q
+
+    try:
+        ids = np.array([[int(x) for x in args.ids.split(",")]], np.int32)
+    except ValueError:
+        raise SystemExit(f"--ids must be comma-separated integers, got {args.ids!r}") from None
+    cfg, params = Q.load_checkpoint(args.checkpoint, dtype=_dtype(args.dtype))
+    logits = np.asarray(Q.forward(cfg, params, ids))[0, -1]
+    logp = logits - np.logaddexp.reduce(logits)
+    top = np.argsort(-logits)[: args.top]
+    print("token_id  logprob")
+    for i in top:
+        print(f"{int(i):8d}  {logp[i]:.4f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qwen35-jax", description="Qwen3.5 / Qwen3.6 in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="summarise a checkpoint directory")
+    p.add_argument("checkpoint")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("next-token", help="top next tokens after a sequence of token ids")
+    p.add_argument("checkpoint")
+    p.add_argument("--ids", required=True, help="comma-separated token ids")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(fn=cmd_next_token)
+    args = ap.parse_args(argv)
+    from qwen35_jax.config import ConfigError
+    from qwen35_jax.safetensors_io import CheckpointError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"qwen35-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
