@@ -70,15 +70,16 @@ def test_fp32_parity_padded_batch(hf_checkpoints, name, arch, side):
     assert _rel_err(ours[valid], ref[valid]) < FP32_TOL
 
 
-@pytest.mark.parametrize("name,arch", [("gva3", "causal"), ("kdiffv_gva", "causal"), ("kdiffv_tied", "conditional")])
+@pytest.mark.parametrize("name,arch", CASES, ids=[f"{n}-{a}" for n, a in CASES])
 def test_bf16_parity(hf_checkpoints, name, arch):
     """bf16 parameters on both sides. The max error bound holds everywhere. Argmax: transformers returns
     bf16 logits, so at 2-3% of positions of these random models its own top two logits are EXACTLY tied
     (bf16 spacing is 0.125-0.25 at |logit| 20-40), and at ~1-2% more its bf16 argmax already differs
     from its float32 argmax: the model is ambiguous there at bf16 precision and the winner is decided
     by rounding noise. The >= 99% agreement is therefore measured on the positions where the reference
-    is unambiguous (bf16 top-1 unique and equal to the float32 top-1); we also require agreement with
-    the float32 reference on >= 99% of ALL positions."""
+    is unambiguous (bf16 top-1 unique and equal to the float32 top-1). Over ALL positions we require
+    our bf16 argmax to agree with the float32 reference at least as often as transformers' own bf16
+    does (minus half a percent, one position in 200)."""
     path, model = hf_checkpoints(name, arch)
     cfg, params = Q.load_checkpoint(path, dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
@@ -99,7 +100,9 @@ def test_bf16_parity(hf_checkpoints, name, arch):
     agree = ours.argmax(-1) == ref16.argmax(-1)
     assert unambiguous.mean() > 0.9
     assert agree[unambiguous].mean() >= 0.99, f"argmax agrees on {agree[unambiguous].mean():.4f} of unambiguous positions"
-    assert (ours.argmax(-1) == ref32.argmax(-1)).mean() >= 0.99
+    ours_vs_fp32 = (ours.argmax(-1) == ref32.argmax(-1)).mean()
+    theirs_vs_fp32 = (ref16.argmax(-1) == ref32.argmax(-1)).mean()
+    assert ours_vs_fp32 >= theirs_vs_fp32 - 0.005, (ours_vs_fp32, theirs_vs_fp32)
 
 
 def test_forward_is_jittable_with_static_cfg(hf_checkpoints):
