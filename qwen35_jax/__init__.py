@@ -37,12 +37,19 @@ from qwen35_jax.model import (
     unflatten,
 )
 from qwen35_jax.safetensors_io import CheckpointError
+from qwen35_jax.generation import GenerationResult, generate
+from qwen35_jax.sampling import PRESETS, SamplingParams, get_preset
+from qwen35_jax.tokenizer import Tokenizer, TokenizerError
+from qwen35_jax.cache import memory_table
 
 __version__ = "0.1.0"
 
 __all__ = [
     # the two calls
     "load_checkpoint", "forward",
+    # generation
+    "generate", "GenerationResult", "SamplingParams", "PRESETS", "get_preset", "Tokenizer", "TokenizerError",
+    "memory_table",
     # richer API
     "hidden_states", "load_params", "save_params", "LoadResult", "hf_state_dict", "to_hf_name", "from_hf_name",
     "RuntimeOptions", "Qwen35", "abstract_model", "abstract_params", "param_specs", "param_axes",

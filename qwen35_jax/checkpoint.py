@@ -32,16 +32,14 @@ NAME_MAP: dict[str, tuple[tuple[str, str], ...]] = {
         ("language_model.", "model.language_model."),
         ("visual.", "model.visual."),
         ("lm_head.", "lm_head."),
+        ("mtp.", "mtp."),
     ),
     CAUSAL_LM: (
         ("language_model.", "model."),
         ("lm_head.", "lm_head."),
+        ("mtp.", "mtp."),
     ),
 }
-
-# Tensors that real checkpoints carry but no module of this library consumes yet. They are reported in
-# ``LoadResult.unused`` (and by a warning from load_checkpoint), never dropped silently.
-NOT_YET_CONSUMED = ("mtp.",)
 
 # Stored dtypes a float parameter may have (fp8 or integers mean a quantized checkpoint).
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
@@ -68,7 +66,7 @@ def from_hf_name(cfg: ModelConfig, hf_name: str) -> str | None:
 @dataclasses.dataclass
 class LoadResult:
     """What :func:`load_params` returns: the params tree and the checkpoint tensors it did not use
-    (with the reason), e.g. the MTP head until the generation issue gives it a module."""
+    (with the reason), e.g. ``mtp.*`` when config.json declares no MTP head."""
 
     params: dict
     unused: dict[str, str]
@@ -92,6 +90,13 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, *, dtype=jnp.bfloat16
     """
     index = index_checkpoint(path) if index is None else index
     specs = M.param_specs(cfg, jnp.float32)
+    has_mtp = any(name.startswith("mtp.") for name in index)
+    if not has_mtp and any(name.startswith("mtp.") for name in specs):
+        # Derivatives saved by transformers drop the MTP head but keep mtp_num_hidden_layers in the
+        # config: load the rest and say so (speculative decoding then needs another draft source).
+        warnings.warn(f"{path}: config.json declares an MTP head but the checkpoint has no mtp.* tensors; "
+                      f"loading without it", stacklevel=2)
+        specs = {k: v for k, v in specs.items() if not k.startswith("mtp.")}
     by_name: dict[str, TensorInfo] = {}
     unused: dict[str, str] = {}
     unexpected: list[str] = []
@@ -99,8 +104,8 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, *, dtype=jnp.bfloat16
         name = from_hf_name(cfg, hf_name)
         if name in specs:
             by_name[name] = info
-        elif hf_name.startswith(NOT_YET_CONSUMED):
-            unused[hf_name] = "no module consumes it yet (the MTP head arrives with generation)"
+        elif hf_name.startswith("mtp.") and cfg.text.mtp_num_hidden_layers == 0:
+            unused[hf_name] = "config.json declares no MTP head (mtp_num_hidden_layers = 0)"
         elif name == "lm_head.weight" and cfg.tie_word_embeddings:
             unused[hf_name] = "tie_word_embeddings is true: the head is the embedding (as in transformers)"
         else:
@@ -143,8 +148,8 @@ def load_params(path: str | os.PathLike, cfg: ModelConfig, *, dtype=jnp.bfloat16
 def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, sharding: Sharding | None = None):
     """``cfg, params = load_checkpoint(path)``: read ``config.json`` and every parameter.
 
-    Checkpoint tensors the model does not consume yet (e.g. ``mtp.*``) are listed in a warning; use
-    :func:`load_params` to get them as a list.
+    Checkpoint tensors the model does not use (e.g. ``mtp.*`` when the config declares no MTP head) are
+    listed in a warning; use :func:`load_params` to get them as a list.
     """
     path = Path(path)
     if not path.exists():

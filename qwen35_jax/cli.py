@@ -2,8 +2,9 @@
 
     qwen35-jax info CHECKPOINT                 config, parameter counts, tensors not used
     qwen35-jax next-token CHECKPOINT --ids 1,2,3 [--top 5] [--dtype bfloat16]
+    qwen35-jax generate CHECKPOINT --prompt TEXT [--chat] [--no-think] [--preset NAME] [--mtp K]
 
-Later issues add ``generate``, ``quantize`` and ``ablate`` here.
+Later issues add ``quantize`` and ``ablate`` here.
 """
 
 from __future__ import annotations
@@ -67,6 +68,59 @@ def cmd_next_token(args) -> int:
     return 0
 
 
+def _safe_decode(tokenizer, ids) -> str:
+    """Decode, showing ids the tokenizer does not know (the padded embedding rows 248077..248319 of the
+    real vocabulary, which only an untrained model samples) as <id:N> instead of failing mid-stream."""
+    from qwen35_jax.tokenizer import TokenizerError
+
+    try:
+        return tokenizer.decode(ids)
+    except TokenizerError:
+        known = [i for i in ids if i < tokenizer.vocab_size]
+        return tokenizer.decode(known) + "".join(f"<id:{i}>" for i in ids if i >= tokenizer.vocab_size)
+
+
+def cmd_generate(args) -> int:
+    import qwen35_jax as Q
+    from qwen35_jax.tokenizer import Tokenizer
+
+    cfg, params = Q.load_checkpoint(args.checkpoint, dtype=_dtype(args.dtype))
+    tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+        ids = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens")
+    generated: list[int] = []
+    printed = ""
+
+    def stream(step):
+        nonlocal printed
+        if step[0] is None:
+            return
+        generated.append(step[0])
+        text = _safe_decode(tokenizer, generated)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        sys.stdout.write(text[len(printed):])
+        sys.stdout.flush()
+        printed = text
+
+    result = Q.generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, sampling=args.preset,
+                        stop_token_ids=tokenizer.stop_token_ids, seed=args.seed, num_draft_tokens=args.mtp,
+                        stream=stream)
+    text = _safe_decode(tokenizer, result.tokens[0])
+    sys.stdout.write(text[len(printed):] + "\n")
+    st = result.stats
+    extra = f", {st['acceptance_rate']:.0%} of MTP drafts accepted" if args.mtp else ""
+    print(f"[{len(result.tokens[0])} tokens, {result.finish_reason[0]}; prefill {st['prefill_s']:.2f} s, "
+          f"decode {st['decode_tok_s']:.1f} tok/s{extra}]", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qwen35-jax", description="Qwen3.5 / Qwen3.6 in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -79,6 +133,19 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.set_defaults(fn=cmd_next_token)
+    p = sub.add_parser("generate", help="generate text, streaming to the terminal")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--system", default=None, help="system prompt (with --chat)")
+    p.add_argument("--no-think", action="store_true", help="chat with thinking off (enable_thinking=false)")
+    p.add_argument("--preset", default="greedy",
+                   help="sampling preset: greedy, thinking-general, thinking-coding, instruct-general, instruct-reasoning")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (speculative decoding, greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(fn=cmd_generate)
     args = ap.parse_args(argv)
     from qwen35_jax.config import ConfigError
     from qwen35_jax.safetensors_io import CheckpointError

@@ -164,11 +164,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     return out.astype(q.dtype).reshape(B, T, H, Dh)
 
 
-def gated_attention(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
-                    cos, sin, mask, implementation: str = "xla"):
-    """The gated full-attention mixer. x [B, T, D] (after input_layernorm); ``p`` holds the weights
-    q_proj [2*H*Dh, D] (per head [query | gate], interleaved per head), k_proj, v_proj, o_proj,
-    q_norm, k_norm."""
+def attention_qkv(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float, cos, sin):
+    """Projections of the gated attention: q [B, T, H, Dh] and k [B, T, KVH, Dh] after their norms and
+    RoPE, v, and the output gate [B, T, H*Dh]. q_proj [2*H*Dh, D] is per head [query | gate]."""
     B, T, _ = x.shape
     qg = linear(x, p["q_proj"]).reshape(B, T, num_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:]
@@ -176,11 +174,42 @@ def gated_attention(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, e
     q = rms_norm(q, p["q_norm"], eps)  # q/k norms come BEFORE RoPE
     k = rms_norm(linear(x, p["k_proj"]).reshape(B, T, num_kv_heads, head_dim), p["k_norm"], eps)
     v = linear(x, p["v_proj"]).reshape(B, T, num_kv_heads, head_dim)
-    q = apply_partial_rope(q, cos, sin)
-    k = apply_partial_rope(k, cos, sin)
+    return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, gate
+
+
+def attention_out(o, gate, p):
+    """Gate the attention output per head with sigmoid(gate), then o_proj."""
+    B, T = o.shape[:2]
+    return linear(o.reshape(B, T, -1) * jax.nn.sigmoid(gate), p["o_proj"])
+
+
+def gated_attention(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                    cos, sin, mask, implementation: str = "xla"):
+    """The gated full-attention mixer over a whole sequence. x [B, T, D] (after input_layernorm);
+    ``p`` holds q_proj, k_proj, v_proj, o_proj, q_norm, k_norm."""
+    q, k, v, gate = attention_qkv(x, p, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                  eps=eps, cos=cos, sin=sin)
     o = dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    o = o.reshape(B, T, num_heads * head_dim) * jax.nn.sigmoid(gate)
-    return linear(o, p["o_proj"])
+    return attention_out(o, gate, p)
+
+
+def cached_attention(q, k_all, v_all, *, key_valid, q_slots):
+    """Attention of new queries q [B, T, H, Dh] over a slot-indexed cache k_all/v_all [B, S, KVH, Dh].
+    key_valid [B, S] marks real tokens; query t of row b (at slot q_slots[b, t]) sees slots <= its own.
+    Softmax in float32; the probabilities meet V in V's dtype with float32 accumulation (flash-decoding
+    numerics: decode reads the whole cache per token, and an f32 copy of it would double the traffic)."""
+    B, T, H, Dh = q.shape
+    KVH = k_all.shape[2]
+    G = H // KVH
+    prec = precision_for(q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, KVH, G, Dh), k_all, precision=prec,
+                        preferred_element_type=F32) * (Dh ** -0.5)
+    slots = jnp.arange(k_all.shape[1])
+    allowed = key_valid[:, None, :] & (slots[None, None, :] <= q_slots[:, :, None])  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all, precision=prec, preferred_element_type=F32)
+    return out.astype(q.dtype).reshape(B, T, H, Dh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,6 +271,41 @@ def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int,
     )
     y = gated_rms_norm(o, z, p["norm"], eps).reshape(B, T, num_v_heads * v_head_dim)
     return linear(y, p["out_proj"]), (conv_state, recurrent_state)
+
+
+def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int, v_head_dim: int,
+                         eps: float, conv_state, recurrent_state):
+    """The DeltaNet mixer for a few new tokens (decode, speculative verification), token by token.
+
+    x [B, T, D] with small T; conv_state [B, W-1, C]; recurrent_state [B, Hv, K, V] f32. Returns
+    (y [B, T, D], window [B, W-1+T, C], states [B, T, Hv, K, V]): ``window[:, t+1 : t+W]`` is the conv
+    state after token t and ``states[:, t]`` the recurrent state after it, so a caller that keeps only
+    the first n tokens can roll back exactly.
+    """
+    from pallas_kernels.gated_delta import gated_delta_step
+
+    B, T, _ = x.shape
+    mixed = linear(x, p["in_proj_qkv"])
+    z = linear(x, p["in_proj_z"]).reshape(B, T, num_v_heads, v_head_dim)
+    b = linear(x, p["in_proj_b"])
+    a = linear(x, p["in_proj_a"])
+    conv_out, _ = causal_conv1d(mixed, p["conv1d"], conv_state)
+    window = jnp.concatenate([conv_state.astype(mixed.dtype), mixed], axis=1)
+    mixed = jax.nn.silu(conv_out).astype(mixed.dtype)
+    kd = num_k_heads * k_head_dim
+    q = l2_normalize(mixed[..., :kd].reshape(B, T, num_k_heads, k_head_dim)) * (k_head_dim ** -0.5)
+    k = l2_normalize(mixed[..., kd: 2 * kd].reshape(B, T, num_k_heads, k_head_dim))
+    v = mixed[..., 2 * kd:].reshape(B, T, num_v_heads, v_head_dim)
+    beta = jax.nn.sigmoid(b)
+    g = -jnp.exp(p["A_log"].astype(F32)) * jax.nn.softplus(a.astype(F32) + p["dt_bias"].astype(F32))
+    outs, states, s = [], [], recurrent_state
+    for t in range(T):  # T is a handful of tokens: unrolled
+        o_t, s = gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+        outs.append(o_t)
+        states.append(s)
+    o = jnp.stack(outs, axis=1)
+    y = gated_rms_norm(o, z, p["norm"], eps).reshape(B, T, num_v_heads * v_head_dim)
+    return linear(y, p["out_proj"]), window, jnp.stack(states, axis=1)
 
 
 def swiglu_mlp(x, p):

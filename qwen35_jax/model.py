@@ -158,6 +158,17 @@ class GatedDeltaNet(nnx.Module):
         )
 
 
+    def steps(self, x, *, cache):
+        """A few new tokens against a DeltaNetCache: (y, window, per-token states); see
+        :func:`qwen35_jax.layers.gated_deltanet_steps`."""
+        c = self.c
+        return L.gated_deltanet_steps(
+            x, _values(self, self._NAMES), num_k_heads=c.linear_num_key_heads, num_v_heads=c.linear_num_value_heads,
+            k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, eps=c.rms_norm_eps,
+            conv_state=cache.conv, recurrent_state=cache.recurrent,
+        )
+
+
 class Attention(nnx.Module):
     """``self_attn``: gated GQA attention with q/k norms and partial RoPE."""
 
@@ -181,6 +192,25 @@ class Attention(nnx.Module):
         )
 
 
+    def cached(self, x, *, cos, sin, cache, slots, key_valid, q_slots, fresh: bool, mask, options: RuntimeOptions):
+        """Attention of new tokens that also writes their keys/values into ``cache`` at ``slots``.
+        ``fresh``: the cache held nothing before (a prefill), so the new tokens only see each other
+        and the fused/explicit full-sequence kernels apply; otherwise they read the whole cache."""
+        from qwen35_jax.cache import read_kv, write_kv
+
+        c = self.c
+        p = _values(self, self._NAMES)
+        q, k, v, gate = L.attention_qkv(x, p, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+                                        head_dim=c.head_dim, eps=c.rms_norm_eps, cos=cos, sin=sin)
+        cache = write_kv(cache, k, v, slots)
+        if fresh:
+            o = L.dot_product_attention(q, k, v, mask=mask, implementation=options.attention)
+        else:
+            k_all, v_all = read_kv(cache, q.dtype)
+            o = L.cached_attention(q, k_all, v_all, key_valid=key_valid, q_slots=q_slots)
+        return L.attention_out(o, gate, p), cache
+
+
 class MLP(nnx.Module):
     def __init__(self, c: TextConfig, *, dtype):
         D, F = c.hidden_size, c.intermediate_size
@@ -195,8 +225,8 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block; the mixer is ``linear_attn`` (Gated DeltaNet) or ``self_attn``."""
 
-    def __init__(self, c: TextConfig, layer_idx: int, *, dtype):
-        self.layer_type = c.layer_types[layer_idx]
+    def __init__(self, c: TextConfig, layer_idx: int, *, dtype, layer_type: str | None = None):
+        self.layer_type = layer_type or c.layer_types[layer_idx]
         self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
         if self.layer_type == FULL_ATTENTION:
             self.self_attn = Attention(c, dtype=dtype)
@@ -213,6 +243,37 @@ class DecoderLayer(nnx.Module):
             h, _ = self.linear_attn(h, mask=mask, options=options)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x, *, cache, cos, sin, slots, key_valid, q_slots, fresh: bool, mask, options: RuntimeOptions):
+        """One layer over new tokens with its cache. Returns (x, cache or pending DeltaNet states):
+        attention layers return their updated KVCache; DeltaNet layers return a DeltaNetCache after a
+        fresh prefill, else ``(window, states)`` for :func:`commit_deltanet` once the caller knows how
+        many of the new tokens it keeps."""
+        from qwen35_jax.cache import DeltaNetCache
+
+        h = self.input_layernorm(x)
+        if self.layer_type == FULL_ATTENTION:
+            h, new = self.self_attn.cached(h, cos=cos, sin=sin, cache=cache, slots=slots, key_valid=key_valid,
+                                           q_slots=q_slots, fresh=fresh, mask=mask, options=options)
+        elif fresh:
+            h, (conv, recurrent) = self.linear_attn(h, mask=mask, options=options)
+            new = DeltaNetCache(conv=conv.astype(cache.conv.dtype), recurrent=recurrent)
+        else:
+            h, window, states = self.linear_attn.steps(h, cache=cache)
+            new = (window, states)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+
+def commit_deltanet(pending, keep: jax.Array, conv_width: int):
+    """The DeltaNetCache after keeping the first ``keep[b]`` (>= 1) of the new tokens of row b.
+    pending = (window [B, W-1+T, C], states [B, T, Hv, K, V]) from :meth:`DecoderLayer.cached`."""
+    from qwen35_jax.cache import DeltaNetCache
+
+    window, states = pending
+    rows = jnp.arange(window.shape[0])
+    idx = keep[:, None] + jnp.arange(conv_width - 1)[None, :]  # conv window after token keep-1
+    return DeltaNetCache(conv=window[rows[:, None], idx], recurrent=states[rows, keep - 1])
 
 
 class TextModel(nnx.Module):
@@ -237,6 +298,47 @@ class TextModel(nnx.Module):
             with jax.named_scope(f"layer_{i}_{layer.layer_type}"):
                 x = layer(x, cos=cos, sin=sin, mask=mask, options=options)
         return self.norm(x)
+
+    def cached(self, x, *, caches, position_ids, slots, key_valid, fresh: bool, mask, options: RuntimeOptions):
+        """The stack over new tokens with per-layer caches; returns (hidden after the final norm,
+        list of new caches / pending DeltaNet states). See :meth:`DecoderLayer.cached`."""
+        c = self.c
+        cos, sin = L.rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.mrope_section, x.dtype)
+        new = []
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
+            with jax.named_scope(f"layer_{i}_{layer.layer_type}"):
+                x, n = layer.cached(x, cache=cache, cos=cos, sin=sin, slots=slots, key_valid=key_valid,
+                                    q_slots=slots, fresh=fresh, mask=mask, options=options)
+            new.append(n)
+        return self.norm(x), new
+
+
+class MTP(nnx.Module):
+    """The multi-token-prediction head (``mtp.*``; vLLM's ``Qwen3_5MTP``; transformers ignores it):
+    ``fc(concat[norm_e(embed(next token)), norm_h(hidden)])`` -> one gated full-attention layer ->
+    ``norm`` -> the shared lm_head. Embedding and head are the main model's."""
+
+    def __init__(self, c: TextConfig, *, dtype):
+        D = c.hidden_size
+        self.pre_fc_norm_embedding = RMSNorm(D, eps=c.rms_norm_eps, dtype=dtype)
+        self.pre_fc_norm_hidden = RMSNorm(D, eps=c.rms_norm_eps, dtype=dtype)
+        self.fc = Linear(2 * D, D, axes=("embed", "mtp_in"), dtype=dtype)
+        self.layers = nnx.List([DecoderLayer(c, 0, dtype=dtype, layer_type=FULL_ATTENTION)
+                                for _ in range(c.mtp_num_hidden_layers)])
+        self.norm = RMSNorm(D, eps=c.rms_norm_eps, dtype=dtype)
+        self.c = c
+
+    def cached(self, embeds, hidden, *, caches, position_ids, slots, key_valid, fresh: bool, mask,
+               options: RuntimeOptions, layer: int = 0):
+        """embeds [B, T, D] of the NEXT tokens, hidden [B, T, D] the target's final-norm hidden states at
+        the same positions. Returns (mtp hidden after its norm, new cache of the layer used)."""
+        c = self.c
+        x = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], -1))
+        cos, sin = L.rope_cos_sin(position_ids, c.rotary_dim, c.rope_theta, c.mrope_section, x.dtype)
+        x, cache = self.layers[layer].cached(x, cache=caches[layer], cos=cos, sin=sin, slots=slots,
+                                             key_valid=key_valid, q_slots=slots, fresh=fresh, mask=mask,
+                                             options=options)
+        return self.norm(x), cache
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +405,8 @@ class VisionModel(nnx.Module):
 
 
 class Qwen35(nnx.Module):
-    """Top level: ``language_model``, ``lm_head`` (absent when tied to the embedding), ``visual``."""
+    """Top level: ``language_model``, ``lm_head`` (absent when tied to the embedding), ``visual``, and
+    ``mtp`` when the config declares an MTP head (``mtp_num_hidden_layers`` > 0)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.bfloat16):
         self.language_model = TextModel(cfg.text, dtype=dtype)
@@ -311,6 +414,8 @@ class Qwen35(nnx.Module):
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, axes=("vocab", "embed"), dtype=dtype)
         if cfg.vision is not None:
             self.visual = VisionModel(cfg.vision, dtype=dtype)
+        if cfg.text.mtp_num_hidden_layers > 0:
+            self.mtp = MTP(cfg.text, dtype=dtype)
         self.cfg = cfg
 
     def logits(self, hidden):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qwen35_jax as Q
-from qwen35_jax.checkpoint import load_params
+from qwen35_jax.checkpoint import load_params, save_params
 from qwen35_jax.config import ConfigError
 from qwen35_jax.safetensors_io import CheckpointError, index_checkpoint, read_tensor, save_checkpoint
 
@@ -139,7 +139,7 @@ def test_other_bad_forward_inputs(hf_checkpoints):
         Q.forward(cfg, params, np.zeros((1, 3), np.int32), attention_mask=np.ones((1, 4)))
 
 
-def test_mtp_tensors_are_reported_not_dropped(ckpt):
+def test_mtp_tensors_without_an_mtp_config_are_reported_not_dropped(ckpt):
     _rewrite(ckpt, lambda t: t.update({"mtp.fc.weight": np.ones((64, 128), np.float32),
                                        "mtp.norm.weight": np.zeros(64, np.float32)}))
     result = load_params(ckpt, Q.load_config(ckpt))
@@ -210,3 +210,22 @@ def test_random_params_match_the_abstract_tree():
     assert all(np.array_equal(flat[k], again[k]) for k in flat)  # deterministic per seed
     logits = Q.forward(cfg, params, np.arange(12, dtype=np.int32).reshape(2, 6))
     assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_mtp_head_loads_into_its_subtree(ckpt, tmp_path):
+    """A config that declares the MTP head: its 15 tensors load into params['mtp'] and round-trip."""
+    cfg = Q.load_config(ckpt)
+    cfg_mtp = Q.ModelConfig(text=Q.TextConfig(**{**cfg.text.__dict__, "mtp_num_hidden_layers": 1}),
+                            vision=None, architecture=cfg.architecture)
+    params = Q.random_params(cfg_mtp, seed=1, dtype=jnp.float32)
+    save_params(tmp_path / "with_mtp", cfg_mtp, params)
+    names = sorted(n for n in index_checkpoint(tmp_path / "with_mtp") if n.startswith("mtp."))
+    assert len(names) == 15 and "mtp.fc.weight" in names and "mtp.layers.0.self_attn.q_proj.weight" in names
+    cfg2, loaded = Q.load_checkpoint(tmp_path / "with_mtp")
+    assert cfg2.text.mtp_num_hidden_layers == 1
+    np.testing.assert_array_equal(loaded["mtp"]["fc"]["weight"], params["mtp"]["fc"]["weight"])
+    # the same config without the mtp tensors: loads the rest, warns
+    save_params(tmp_path / "no_mtp", cfg_mtp, {k: v for k, v in params.items() if k != "mtp"})
+    with pytest.warns(UserWarning, match="no mtp.. tensors"):
+        _, partial = Q.load_checkpoint(tmp_path / "no_mtp")
+    assert "mtp" not in partial
