@@ -56,11 +56,13 @@ class DeltaNetCache:
 class DecodeState:
     """layers: one cache per decoder layer (KVCache or DeltaNetCache, by layer type).
     pad: [B] int32 left-padding slots of each row; length: [B] int32 slots written so far (the next
-    token of row b goes to slot length[b] and has RoPE position length[b] - pad[b])."""
+    token of row b goes to slot length[b] and has RoPE position length[b] - pad[b] + delta[b]);
+    delta: [B] int32 mRoPE offset after images (transformers' ``rope_deltas``; 0 for text)."""
 
     layers: tuple
     pad: jax.Array
     length: jax.Array
+    delta: jax.Array
 
     @property
     def max_len(self) -> int:
@@ -76,7 +78,10 @@ class DecodeState:
 
     def positions(self) -> jax.Array:
         """[B] RoPE position of each row's next token."""
-        return self.length - self.pad
+        return self.length - self.pad + self.delta
+
+    def replace(self, **changes) -> "DecodeState":
+        return dataclasses.replace(self, **changes)
 
 
 def _check_kv_dtype(kv_dtype: str) -> None:
@@ -111,7 +116,7 @@ def init_decode_state(cfg: ModelConfig | TextConfig, batch: int, max_len: int, *
                                      c.linear_value_head_dim), jnp.float32),
             ))
     zeros = jnp.zeros((batch,), jnp.int32)
-    return DecodeState(layers=tuple(layers), pad=zeros, length=zeros)
+    return DecodeState(layers=tuple(layers), pad=zeros, length=zeros, delta=zeros)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,19 +60,21 @@ def cache_length(prompt_len: int, max_new_tokens: int, num_draft_tokens: int = 0
 
 
 def _fresh_state_like(state: DecodeState, layers, length) -> DecodeState:
-    return DecodeState(layers=tuple(layers), pad=state.pad, length=length)
+    return state.replace(layers=tuple(layers), length=length)
 
 
-def _prefill(cfg, options, has_padding, params, ids, pad, state):
-    """Run the (left-padded) prompt through the model, filling every cache.
+def _prefill(cfg, options, has_padding, params, ids, pad, state, embeds=None, positions=None):
+    """Run the (left-padded) prompt through the model, filling every cache. ``embeds`` [B, T, D] and
+    ``positions`` [3, B, T] replace the token embeddings and 1-D positions for multimodal prompts.
     Returns (logits of the last position [B, V] f32, final hidden [B, T, D], new state)."""
     _TRACES["prefill"] += 1
     model = M.bind(cfg, params)
     B, T = ids.shape
     slots = jnp.broadcast_to(jnp.arange(T), (B, T))
-    positions = jnp.maximum(slots - pad[:, None], 0)
+    if positions is None:
+        positions = jnp.maximum(slots - pad[:, None], 0)
     mask = (slots >= pad[:, None]) if has_padding else None
-    x = model.language_model.embed(ids)
+    x = model.language_model.embed(ids) if embeds is None else embeds
     hidden, layers = model.language_model.cached(x, caches=state.layers, position_ids=positions, slots=slots,
                                                  key_valid=None, fresh=True, mask=mask, options=options)
     new = _fresh_state_like(state, layers, jnp.full((B,), T, jnp.int32))
@@ -84,7 +86,7 @@ def _decode(model, cfg, options, tokens, state):
     pending layers) -- DeltaNet layers still need :func:`_commit`."""
     B, Tn = tokens.shape
     slots = state.length[:, None] + jnp.arange(Tn)[None, :]
-    positions = slots - state.pad[:, None]
+    positions = slots - state.pad[:, None] + state.delta[:, None]
     S = state.max_len
     all_slots = jnp.arange(S)[None, :]
     key_valid = (all_slots >= state.pad[:, None]) & (all_slots < (state.length + Tn)[:, None])
@@ -117,13 +119,16 @@ def _step(cfg, options, sampling, stop_ids, params, state, tokens, key, counts, 
 # ---- MTP speculative decoding --------------------------------------------------------------------
 
 
-def _mtp_pass(model, options, mtp_state: DecodeState, next_tokens, hidden, *, fresh: bool, mask=None):
+def _mtp_pass(model, options, mtp_state: DecodeState, next_tokens, hidden, *, fresh: bool, mask=None,
+              prefill_positions=None):
     """The MTP head over slots [length, length + T): next_tokens [B, T] are the tokens one position
     ahead, hidden [B, T, D] the target (or fed-back MTP) hidden states. Writes its KV cache; does NOT
     advance ``length`` (the caller decides how many slots are real). Returns (mtp hidden, new cache)."""
     B, T = next_tokens.shape
     slots = mtp_state.length[:, None] + jnp.arange(T)[None, :]
-    positions = jnp.maximum(slots - mtp_state.pad[:, None], 0)
+    positions = jnp.maximum(slots - mtp_state.pad[:, None], 0) + mtp_state.delta[:, None]
+    if prefill_positions is not None:
+        positions = prefill_positions
     S = mtp_state.max_len
     all_slots = jnp.arange(S)[None, :]
     key_valid = (all_slots >= mtp_state.pad[:, None]) & (all_slots < (mtp_state.length + T)[:, None])
@@ -141,26 +146,28 @@ def _draft_more(model, options, mtp_state, first_draft, hm_last, num_draft):
     h = hm_last
     for _ in range(num_draft - 1):
         hm, cache = _mtp_pass(model, options, probe, drafts[-1][:, None], h[:, None], fresh=False)
-        probe = DecodeState(layers=(cache,), pad=probe.pad, length=probe.length + 1)
+        probe = probe.replace(layers=(cache,), length=probe.length + 1)
         h = hm[:, 0]
         drafts.append(jnp.argmax(model.logits(hm[:, 0]), axis=-1).astype(jnp.int32))
     return jnp.stack(drafts, axis=1), probe.layers
 
 
-def _spec_prefill(cfg, options, has_padding, num_draft, params, ids, pad, state, mtp_state):
+def _spec_prefill(cfg, options, has_padding, num_draft, params, ids, pad, state, mtp_state, embeds=None,
+                  positions=None):
     """Prefill the target and the MTP head; returns (first token, drafts [B, K], states)."""
     _TRACES["spec_prefill"] += 1
-    logits, hidden, state = _prefill(cfg, options, has_padding, params, ids, pad, state)
+    logits, hidden, state = _prefill(cfg, options, has_padding, params, ids, pad, state, embeds, positions)
     model = M.bind(cfg, params)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     B, T = ids.shape
     next_tokens = jnp.concatenate([ids[:, 1:], first[:, None]], axis=1)  # slot i pairs (x_{i+1}, h_i)
     mask = (jnp.arange(T)[None, :] >= pad[:, None]) if has_padding else None
-    hm, cache = _mtp_pass(model, options, mtp_state, next_tokens, hidden, fresh=True, mask=mask)
-    mtp_state = DecodeState(layers=(cache,), pad=pad, length=jnp.full((B,), T, jnp.int32))
+    hm, cache = _mtp_pass(model, options, mtp_state, next_tokens, hidden, fresh=True, mask=mask,
+                          prefill_positions=positions)
+    mtp_state = mtp_state.replace(layers=(cache,), pad=pad, length=jnp.full((B,), T, jnp.int32), delta=state.delta)
     d1 = jnp.argmax(model.logits(hm[:, -1]), axis=-1).astype(jnp.int32)
     drafts, layers = _draft_more(model, options, mtp_state, d1, hm[:, -1], num_draft)
-    mtp_state = DecodeState(layers=tuple(layers), pad=mtp_state.pad, length=mtp_state.length)
+    mtp_state = mtp_state.replace(layers=tuple(layers))
     return first, drafts, state, mtp_state
 
 
@@ -182,11 +189,11 @@ def _spec_round(cfg, options, num_draft, params, state, mtp_state, last, drafts)
     emitted = jnp.where(j < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), bonus[:, None])
     # MTP catch-up over the verified slots with the true hidden states; real up to slot n
     hm, cache = _mtp_pass(model, options, mtp_state, emitted, hidden, fresh=False)
-    mtp_state = DecodeState(layers=(cache,), pad=mtp_state.pad, length=mtp_state.length + n + 1)
+    mtp_state = mtp_state.replace(layers=(cache,), length=mtp_state.length + n + 1)
     hm_n = jnp.take_along_axis(hm, n[:, None, None], axis=1)[:, 0]
     d1 = jnp.argmax(model.logits(hm_n), axis=-1).astype(jnp.int32)
     new_drafts, layers = _draft_more(model, options, mtp_state, d1, hm_n, K)
-    mtp_state = DecodeState(layers=tuple(layers), pad=mtp_state.pad, length=mtp_state.length)
+    mtp_state = mtp_state.replace(layers=tuple(layers))
     return emitted, n + 1, bonus, new_drafts, state, mtp_state
 
 
@@ -242,6 +249,7 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int = 128,
              sampling: SamplingParams | str = "greedy", stop_token_ids: Sequence[int] = (), seed: int = 0,
              num_draft_tokens: int = 0, kv_dtype: str | None = None, max_len: int | None = None,
              stream: Callable[[list[int | None]], None] | None = None,
+             pixel_values=None, image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
              options: M.RuntimeOptions = M.RuntimeOptions()) -> GenerationResult:
     """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists of any lengths, or a
     [B, T] array).
@@ -252,6 +260,8 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int = 128,
     kv_dtype: KV-cache storage ("bfloat16", "float32", "int8", "fp8"); default the activation dtype.
     max_len: KV-cache slots (default :func:`cache_length`); a prompt that does not fit is an error.
     stream: called after every step with one entry per row: the new token, or None (row finished).
+    pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw: images and videos for the
+        ``<|image_pad|>`` / ``<|video_pad|>`` tokens of the prompts (``qwen35_jax.image_processing``).
     """
     sampling = get_preset(sampling) if isinstance(sampling, str) else sampling
     if max_new_tokens < 1:
@@ -278,8 +288,17 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int = 128,
         ids[b, pad[b]:] = p
     has_padding = bool(pad.any())
     dtype = jax.tree.leaves(params["language_model"]["embed_tokens"])[0].dtype
-    state = init_decode_state(cfg, B, S, dtype=dtype, kv_dtype=kv_dtype)
-    state = DecodeState(layers=state.layers, pad=jnp.asarray(pad), length=state.length)
+    state = init_decode_state(cfg, B, S, dtype=dtype, kv_dtype=kv_dtype).replace(pad=jnp.asarray(pad))
+    embeds = positions = None
+    if pixel_values is not None or pixel_values_videos is not None:
+        from qwen35_jax.api import multimodal_inputs
+
+        mask = np.arange(T)[None, :] >= pad[:, None]
+        embeds, positions, deltas = multimodal_inputs(
+            cfg, params, ids, mask, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+        # decode positions continue from the last prompt position: slot - pad + delta
+        state = state.replace(delta=jnp.asarray(deltas, jnp.int32))
     stop = tuple(int(t) for t in stop_token_ids)
     out: list[list[int]] = [[] for _ in range(B)]
     finished = [None] * B
@@ -307,7 +326,8 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int = 128,
     if num_draft_tokens:
         mtp_state = init_decode_state(cfg, B, S, dtype=dtype, kv_dtype=kv_dtype, layer_types=(FULL_ATTENTION,))
         first, drafts, state, mtp_state = _jitted("spec_prefill")(
-            cfg, options, has_padding, num_draft_tokens, params, jnp.asarray(ids), jnp.asarray(pad), state, mtp_state)
+            cfg, options, has_padding, num_draft_tokens, params, jnp.asarray(ids), jnp.asarray(pad), state, mtp_state,
+            embeds, positions)
         emit(np.asarray(first))
         stats["prefill_s"] = time.perf_counter() - t0
         last, proposed, accepted, rounds = first, 0, 0, 0
@@ -329,7 +349,8 @@ def generate(cfg: ModelConfig, params, prompts, *, max_new_tokens: int = 128,
         valid = jnp.asarray(np.arange(T)[None, :] >= pad[:, None])
         prompt_mask = (token_counts(jnp.asarray(ids), vocab, valid) > 0) if needs_counts else None
         counts = jnp.zeros((B, vocab), jnp.int32) if needs_counts else None
-        logits, _, state = _jitted("prefill")(cfg, options, has_padding, params, jnp.asarray(ids), jnp.asarray(pad), state)
+        logits, _, state = _jitted("prefill")(cfg, options, has_padding, params, jnp.asarray(ids), jnp.asarray(pad),
+                                              state, embeds, positions)
         key, sub = jax.random.split(key)
         tok = _jitted_sample(logits, sub, sampling, counts=counts, prompt_mask=prompt_mask)
         if needs_counts:

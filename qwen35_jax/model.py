@@ -590,26 +590,41 @@ def default_position_ids(batch: int, length: int, offset: int = 0) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(offset, offset + length, dtype=jnp.int32), (batch, length))
 
 
-def _run_text(model: Qwen35, input_ids, attention_mask, position_ids, options):
-    B, T = input_ids.shape
+def _run_text(model: Qwen35, input_ids, attention_mask, position_ids, options, inputs_embeds=None):
+    x = model.language_model.embed(input_ids) if inputs_embeds is None else inputs_embeds
+    B, T = x.shape[:2]
     if position_ids is None:
         position_ids = default_position_ids(B, T)
-    x = model.language_model.embed(input_ids)
     return model.language_model(x, position_ids=position_ids, mask=attention_mask, options=options)
 
 
 def hidden_states_impl(cfg: ModelConfig, params: Mapping, input_ids, attention_mask=None, position_ids=None,
-                       options: RuntimeOptions = RuntimeOptions()):
-    """The decoder output after the final norm, [B, T, D] in the parameter dtype (no input checks)."""
-    return _run_text(bind(cfg, params), input_ids, attention_mask, position_ids, options)
+                       options: RuntimeOptions = RuntimeOptions(), inputs_embeds=None):
+    """The decoder output after the final norm, [B, T, D] in the parameter dtype (no input checks).
+    ``inputs_embeds`` [B, T, D] replaces the embedding lookup (multimodal sequences)."""
+    return _run_text(bind(cfg, params), input_ids, attention_mask, position_ids, options, inputs_embeds)
 
 
 def forward_impl(cfg: ModelConfig, params: Mapping, input_ids, attention_mask=None, position_ids=None,
-                 options: RuntimeOptions = RuntimeOptions()):
+                 options: RuntimeOptions = RuntimeOptions(), inputs_embeds=None):
     """float32 logits [B, T, vocab] (no input checks; see :func:`qwen35_jax.forward`)."""
     model = bind(cfg, params)
-    return model.logits(_run_text(model, input_ids, attention_mask, position_ids, options))
+    return model.logits(_run_text(model, input_ids, attention_mask, position_ids, options, inputs_embeds))
 
 
 forward_jit = jax.jit(forward_impl, static_argnames=("cfg", "options"))
 hidden_states_jit = jax.jit(hidden_states_impl, static_argnames=("cfg", "options"))
+
+
+def _embed_multimodal(cfg: ModelConfig, params: Mapping, input_ids, features: tuple):
+    """Token embeddings with the vision features scattered into the image / video pad positions.
+    features: ((token_id, [n, D] array), ...)."""
+    from qwen35_jax.vision import scatter_vision
+
+    x = bind(cfg, params).language_model.embed(input_ids)
+    for token_id, feats in features:
+        x = scatter_vision(x, input_ids, feats, token_id)
+    return x
+
+
+embed_multimodal_jit = jax.jit(_embed_multimodal, static_argnames=("cfg",))

@@ -50,7 +50,7 @@ def random_state(cfg, batch, context, max_len, *, layer_types=None, seed=0) -> D
             layers.append(DeltaNetCache(jax.random.normal(k1, layer.conv.shape, layer.conv.dtype),
                                         0.1 * jax.random.normal(k2, layer.recurrent.shape, jnp.float32)))
     length = jnp.full((batch,), context, jnp.int32)
-    return DecodeState(layers=tuple(layers), pad=jnp.zeros((batch,), jnp.int32), length=length)
+    return state.replace(layers=tuple(layers), length=length)
 
 
 def time_steps(fn, carry, n):
