@@ -556,11 +556,15 @@ def init_value(name: str, shape: tuple[int, ...], dtype, seed: int, sharding=Non
 
 
 def random_params(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16,
-                  sharding: Callable[[str, jax.ShapeDtypeStruct], Any] | Any | None = None) -> dict:
+                  sharding: Callable[[str, jax.ShapeDtypeStruct], Any] | Any | None = None,
+                  only: str | None = None) -> dict:
     """Random parameters with the real shapes, created leaf by leaf directly on the device (so a 54 GB
-    model never needs a host copy). ``sharding`` is a Sharding or a function ``(name, spec) -> Sharding``."""
+    model never needs a host copy). ``sharding`` is a Sharding or a function ``(name, spec) -> Sharding``;
+    ``only`` keeps the parameters whose path starts with that prefix (e.g. ``"visual."``)."""
     flat = {}
     for name, spec in param_specs(cfg, dtype).items():
+        if only is not None and not name.startswith(only):
+            continue
         target = sharding(name, spec) if callable(sharding) else sharding
         flat[name] = init_value(name, spec.shape, spec.dtype, seed, target)
     return unflatten(flat)
