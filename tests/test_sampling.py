@@ -94,9 +94,11 @@ def _prompt_and_generated(seed: int, b: int = 4, v: int = V):
     rng = np.random.default_rng(100 + seed)
     prompt = rng.integers(0, v, size=(b, 30))
     generated = rng.integers(0, v, size=(b, 12))
-    prompt_mask = S.token_counts(jnp.asarray(prompt), v) > 0
-    counts = S.token_counts(jnp.asarray(generated), v)
-    return prompt, generated, prompt_mask, counts
+    prompt_mask = np.zeros((b, v), bool)
+    np.put_along_axis(prompt_mask, prompt, True, axis=1)
+    counts = np.zeros((b, v), np.int32)
+    np.add.at(counts, (np.arange(b)[:, None], generated), 1)
+    return prompt, generated, jnp.asarray(prompt_mask), jnp.asarray(counts)
 
 
 @pytest.mark.parametrize("penalty", [1.3, 0.7])
@@ -114,7 +116,7 @@ def test_repetition_penalty_matches_transformers(penalty, extra):
 
 def test_presence_penalty_only_generated_tokens_repetition_also_prompt():
     logits = _logits(11)
-    prompt, generated, prompt_mask, counts = _prompt_and_generated(1)
+    _, generated, prompt_mask, counts = _prompt_and_generated(1)
     pm, gen = np.asarray(prompt_mask), np.asarray(counts) > 0
     assert (pm & ~gen).any() and (gen & ~pm).any()
 
@@ -226,7 +228,7 @@ def test_seeds_and_row_independence():
 def test_jit_matches_eager(name):
     p = S.get_preset(name)
     logits = jnp.asarray(_logits(9, b=6))
-    _, generated, prompt_mask, counts = _prompt_and_generated(2, b=6)
+    _, _, prompt_mask, counts = _prompt_and_generated(2, b=6)
     key = None if p.greedy else jax.random.key(7)
     jitted = jax.jit(S.sample, static_argnames="params")
     eager = S.sample(logits, key, p, counts=counts, prompt_mask=prompt_mask)
@@ -278,6 +280,8 @@ def test_update_counts_and_token_counts():
     ids = jnp.array([[1, 1, 4, -1], [0, 9, 9, 9]])
     valid = jnp.array([[True, True, True, False], [True, True, True, True]])
     tc = np.asarray(S.token_counts(ids, 10, valid))
+    _, generated, _, counts = _prompt_and_generated(0)
+    np.testing.assert_array_equal(np.asarray(S.token_counts(jnp.asarray(generated), V)), np.asarray(counts))
     assert tc[0, 1] == 2 and tc[0, 4] == 1 and tc[0].sum() == 3 and tc[1, 9] == 3 and tc[1, 0] == 1
 
 
