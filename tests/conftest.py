@@ -6,6 +6,10 @@ import os
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Eight emulated CPU devices for the sharding tests (tests/test_sharding.py): the flag must be set
+# before jax initialises its backends. Unsharded tests keep running on device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import numpy as np
 import pytest
