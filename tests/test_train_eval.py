@@ -1,0 +1,151 @@
+"""Corpus splits, the small BPE tokenizer, training (determinism, resume, HF layout) and perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen35_jax import bpe, checkpoint, corpus, evaluation, train as TR
+from qwen35_jax import model as M
+from qwen35_jax.config import CAUSAL_LM, ModelConfig
+from qwen35_jax.small_model import encode_documents
+from qwen35_jax.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bpe")
+    bpe.save_tokenizer(bpe.train_bpe(corpus.read_split(corpus.sample_dir(), "train"), 2048), path)
+    return path
+
+
+def small_cfg(vocab=2048):
+    return ModelConfig(text=TR.MODEL_PRESETS["cpu-small"](vocab), vision=None, architecture=CAUSAL_LM)
+
+
+TINY_TC = TR.TrainConfig(steps=6, batch_size=2, seq_len=32, checkpoint_every=3, log_every=1)
+
+
+def test_corpus_splits_are_deterministic_by_file(tmp_path):
+    splits = corpus.split_documents(corpus.sample_dir())
+    assert [len(splits[s]) for s in corpus.SPLITS] == [15, 1, 1]
+    assert splits == corpus.split_documents(corpus.sample_dir())
+    all_files = sum(splits.values(), [])
+    assert len(set(all_files)) == len(all_files) == 17  # no document in two splits
+    paths = corpus.write_splits(corpus.sample_dir(), tmp_path / "c")
+    assert paths["validation"].read_text(encoding="utf-8") == "\n\n".join(corpus.read_split(corpus.sample_dir(), "validation"))
+    with pytest.raises(corpus.CorpusError, match="refusing to overwrite"):
+        corpus.write_splits(corpus.sample_dir(), tmp_path / "c")
+    with pytest.raises(corpus.CorpusError, match="does not exist"):
+        corpus.split_documents(tmp_path / "nope")
+    (tmp_path / "two").mkdir()
+    for i in range(2):
+        (tmp_path / "two" / f"{i}.rst.txt").write_text("x")
+    with pytest.raises(corpus.CorpusError, match="at least 3"):
+        corpus.split_documents(tmp_path / "two")
+    with pytest.raises(corpus.CorpusError, match="unknown split"):
+        corpus.read_split(corpus.sample_dir(), "dev")
+
+
+def test_bpe_tokenizer_round_trip_and_transformers_agree(tok_dir):
+    import transformers
+
+    ours = Tokenizer.from_checkpoint(tok_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    text = "Lists are mutable:\n\n>>> squares = [1, 4, 9]\n>>> squares[0]  # café ✓"
+    ids = ours.encode(text)
+    assert ours.decode(ids) == text
+    assert theirs(text)["input_ids"] == ids
+    assert ours.eos_token_id == ours.token_to_id("<|im_end|>")
+    with pytest.raises(ValueError, match="empty text"):
+        bpe.train_bpe(["", "  "], 512)
+
+
+def test_perplexity_windows_and_value(tok_dir):
+    cfg = small_cfg()
+    params = M.random_params(cfg, seed=1, dtype=jnp.float32)
+    ids = np.random.default_rng(0).integers(0, 2000, size=150).astype(np.int32)
+    # One window over everything == the plain mean NLL of the whole sequence.
+    logits = np.asarray(M.forward_jit(cfg, params, jnp.asarray(ids[None])), np.float64)[0, :-1]
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = float(np.mean(logz - logits[np.arange(149), ids[1:]]))
+    one = evaluation.perplexity(cfg, params, ids, seq_len=150, stride=150, batch_size=2)
+    # fp32 logits and a 149-term mean: agreement to ~1e-6 relative (float32 rounding of logsumexp terms).
+    assert one.num_tokens == 149 and one.num_windows == 1
+    assert math.isclose(one.nll, nll, rel_tol=1e-5)
+    # Sliding windows: every target scored once; with context cut to 40 tokens the NLL changes only a little.
+    slid = evaluation.perplexity(cfg, params, ids, seq_len=40, stride=16, batch_size=3)
+    assert slid.num_tokens == 149 and slid.num_windows == len(evaluation.windows(150, 40, 16))
+    assert abs(slid.nll - one.nll) < 0.05 * one.nll
+    with pytest.raises(evaluation.EvalError, match="empty"):
+        evaluation.perplexity(cfg, params, [], seq_len=40, stride=16)
+    with pytest.raises(evaluation.EvalError, match="shorter than one window"):
+        evaluation.perplexity(cfg, params, ids[:30], seq_len=40, stride=16)
+    with pytest.raises(evaluation.EvalError, match="stride"):
+        evaluation.perplexity(cfg, params, ids, seq_len=40, stride=41)
+    with pytest.raises(evaluation.EvalError, match="token ids"):
+        evaluation.perplexity(cfg, params, np.full(50, 5000), seq_len=40, stride=16)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tok_dir):
+    tok = Tokenizer.from_checkpoint(tok_dir)
+    tokens = encode_documents(tok, corpus.read_split(corpus.sample_dir(), "train"))
+    out = tmp_path_factory.mktemp("run") / "model"
+    log = TR.train(small_cfg(), tokens, out, TINY_TC, progress=False, tokenizer_dir=tok_dir)
+    return out, tokens, log
+
+
+def test_training_lowers_loss_and_saves_hf_layout(trained):
+    import torch
+    import transformers
+
+    out, _, log = trained
+    losses = [v for _, v in log["losses"]]
+    assert losses[-1] < losses[0]
+    assert log["non_embedding_params"] > 0
+    cfg, params = checkpoint.load_checkpoint(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = np.random.default_rng(1).integers(0, 2000, size=(1, 48))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids)).logits.numpy()
+    ours = np.asarray(M.forward_jit(cfg, params, jnp.asarray(ids, jnp.int32)))
+    # fp32 both sides; reductions of <= 256 terms: ~1e-6 relative, the acceptance bound is 1e-4.
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        TR.train(small_cfg(), np.arange(100), out, TINY_TC, progress=False)
+
+
+def test_training_is_deterministic_and_resumes_exactly(trained, tmp_path, monkeypatch):
+    out, tokens, _ = trained
+    _, ref = checkpoint.load_checkpoint(out)
+    real = TR.batch_for_step
+
+    def interrupted(tok, step, tc):
+        if step == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(tok, step, tc)
+
+    monkeypatch.setattr(TR, "batch_for_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        TR.train(small_cfg(), tokens, tmp_path / "m", TINY_TC, progress=False)
+    monkeypatch.setattr(TR, "batch_for_step", real)
+    log = TR.train(small_cfg(), tokens, tmp_path / "m", TINY_TC, progress=False)
+    assert log["resumed_from"] == 3
+    _, resumed = checkpoint.load_checkpoint(tmp_path / "m")
+    for name, a in M.flatten(ref).items():  # same data order and the same ops: bit-identical
+        np.testing.assert_array_equal(np.asarray(M.flatten(resumed)[name]), np.asarray(a), err_msg=name)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        TR.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        TR.TrainConfig(compute_dtype="float16")
+    with pytest.raises(ValueError, match="needs more than"):
+        TR.batch_for_step(np.arange(10), 0, TR.TrainConfig(seq_len=32))
