@@ -3,6 +3,7 @@
     qwen35-jax info CHECKPOINT                 config, parameter counts, tensors not used
     qwen35-jax next-token CHECKPOINT --ids 1,2,3 [--top 5] [--dtype bfloat16]
     qwen35-jax generate CHECKPOINT --prompt TEXT [--chat] [--no-think] [--preset NAME] [--mtp K]
+                                        [--image PATH ...]
 
 Later issues add ``quantize`` and ``ablate`` here.
 """
@@ -84,14 +85,30 @@ def cmd_generate(args) -> int:
     import qwen35_jax as Q
     from qwen35_jax.tokenizer import Tokenizer
 
-    cfg, params = Q.load_checkpoint(args.checkpoint, dtype=_dtype(args.dtype))
-    tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
-    if args.chat:
+    vision_inputs = {}
+    if args.image:  # images go through the chat template: --image implies --chat
+        from qwen35_jax.image_processing import ProcessorConfig, chat_inputs
+
+        # read the images before the weights, so that a bad image fails fast
+        cfg = Q.load_config(args.checkpoint)
+        tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
+        content = [{"type": "image", "image": path} for path in args.image] + [{"type": "text", "text": args.prompt}]
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}]
-        ids = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
+            {"role": "user", "content": content}]
+        processor = ProcessorConfig.from_checkpoint(args.checkpoint, vision=cfg.vision)
+        inputs = chat_inputs(tokenizer, messages, cfg, processor=processor, add_generation_prompt=True,
+                             enable_thinking=not args.no_think)
+        ids, vision_inputs = inputs.input_ids, inputs.model_kwargs()
+        cfg, params = Q.load_checkpoint(args.checkpoint, dtype=_dtype(args.dtype))
     else:
-        ids = tokenizer.encode(args.prompt)
+        cfg, params = Q.load_checkpoint(args.checkpoint, dtype=_dtype(args.dtype))
+        tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": args.prompt}]
+            ids = tokenizer.encode_chat(messages, add_generation_prompt=True, enable_thinking=not args.no_think)
+        else:
+            ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     generated: list[int] = []
@@ -111,7 +128,7 @@ def cmd_generate(args) -> int:
 
     result = Q.generate(cfg, params, [ids], max_new_tokens=args.max_new_tokens, sampling=args.preset,
                         stop_token_ids=tokenizer.stop_token_ids, seed=args.seed, num_draft_tokens=args.mtp,
-                        stream=stream)
+                        stream=stream, **vision_inputs)
     text = _safe_decode(tokenizer, result.tokens[0])
     sys.stdout.write(text[len(printed):] + "\n")
     st = result.stats
@@ -137,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image shown before the prompt (repeat for several; implies --chat)")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--no-think", action="store_true", help="chat with thinking off (enable_thinking=false)")
     p.add_argument("--preset", default="greedy",
@@ -146,6 +165,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("ablate", help="quantize with several recipes; perplexity, bits, size (and decode speed)")
+    from qwen35_jax import ablate
+
+    ablate.add_arguments(p)
+    p.set_defaults(fn=ablate.main)
     args = ap.parse_args(argv)
     from qwen35_jax.config import ConfigError
     from qwen35_jax.safetensors_io import CheckpointError
