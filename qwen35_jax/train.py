@@ -38,11 +38,12 @@ def _text(vocab_size: int, **kw) -> TextConfig:
 # Model sizes. Both keep the 27B's structure: 3 DeltaNet : 1 gated attention, DeltaNet value heads =
 # 2-3x key heads, GQA, partial RoPE, untied head.
 MODEL_PRESETS: dict[str, Callable[[int], TextConfig]] = {
-    # ~1.1M non-embedding parameters: trains on a 2-core CPU in a few minutes (the README default)
+    # ~1.3M non-embedding parameters: trains on a 2-core CPU in a few minutes (the README default).
+    # Every linear's input dim is a multiple of 128, so group-128 recipes apply to all of them.
     "cpu-small": lambda vocab: _text(
-        vocab, hidden_size=96, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
+        vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=24, linear_value_head_dim=24),
+        linear_key_head_dim=32, linear_value_head_dim=32),
     # ~41M non-embedding parameters: minutes on one H100/H200
     "gpu-40m": lambda vocab: _text(
         vocab, hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
