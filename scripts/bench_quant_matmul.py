@@ -1,0 +1,327 @@
+"""Weight-only quantized matmul at the 27B projection shapes on one GPU: our Pallas kernels
+(int4 g128, int8 g32, int8 per-channel) against XLA's bf16 dot and XLA's int8 dequantize+dot
+(the anchors of /work/shared/anchors/README.md, re-measured in the same run). "ours" is the
+public default dispatch: Pallas kernels, and XLA dequantize-then-bf16-dot from
+``api.XLA_DEQUANT_MIN_ROWS`` rows (the config column says which).
+
+    python scripts/bench_quant_matmul.py --json out/bench_quant_matmul.json
+    python scripts/bench_quant_matmul.py --quick            # M=1 and 512 at K=5120 -> N=34816
+    python scripts/bench_quant_matmul.py --sweep            # block-size variants first
+
+Timing: every sample runs ``copies`` calls in one jitted function, each on its own copy of the
+weights (together more than the L2 cache, so HBM and not the cache is measured; one dispatch, so
+host overhead is not), then synchronizes; a call's time is sample / copies, the median of
+``--reps`` samples after warm-up. Decode rows report GB/s of weight bytes (packed codes + scales,
+or bf16 / int8 weights), prefill rows TFLOP/s (2 M K N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul.api import XLA_DEQUANT_MIN_ROWS
+from pallas_kernels.quant_matmul import kernel as qk
+from pallas_kernels.quant_matmul.kernel import Config
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from benchlib import device_info, print_table, write_json  # noqa: E402
+
+SHAPES = [(5120, 34816), (17408, 5120), (5120, 10240), (5120, 17408), (5120, 12288),
+          (5120, 6144), (6144, 5120)]
+ROWS = [1, 8, 64, 512, 4096]
+SCHEMES = {  # name -> (bits, group size or None for per-channel)
+    "int4_g128": (4, 128),
+    "int8_g32": (8, 32),
+    "int8_pc": (8, None),
+}
+CACHE_BYTES = 240e6  # > 4x the H200's L2 (60 MB): rotate weight copies beyond it
+
+
+def timed(fn, x, copies, reps):
+    """Median seconds per call of fn(x, *w) over the weight copies (see module docstring)."""
+    f = jax.jit(lambda x, ws: tuple(fn(x, *w) for w in ws))
+    jax.block_until_ready(f(x, copies))  # compile + warm-up
+    jax.block_until_ready(f(x, copies))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, copies))
+        samples.append((time.perf_counter() - t0) / len(copies))
+    return statistics.median(samples), min(samples)
+
+
+def n_copies(nbytes):
+    return int(min(16, max(2, math.ceil(CACHE_BYTES / nbytes))))
+
+
+def quant_weights(k, n, scheme, key):
+    """Random packed words (all fields random: a benchmark needs no valid padding) + bf16 scales."""
+    bits, g = SCHEMES[scheme]
+    g = k if g is None else g
+    s_rows = layout.slab_rows(k, bits, g)
+    ng = layout.num_groups(k, bits, g)
+    k1, k2 = jax.random.split(key)
+    packed = jax.random.bits(k1, (s_rows, n), jnp.uint32)
+    scales = (jax.random.uniform(k2, (ng, n), jnp.float32) * 0.01 + 1e-3).astype(jnp.bfloat16)
+    nbytes = packed.size * 4 + scales.size * 2
+    return (packed, scales), nbytes, dict(bits=bits, group_size=g, in_features=k)
+
+
+INTERPRET = False  # --smoke: tiny shapes through the Pallas interpreter (CPU check of this script)
+
+
+def ours(kw, config=None):
+    def f(x, packed, scales):
+        if config is None:
+            from pallas_kernels.quant_matmul import quant_matmul
+            # The public default dispatch (Pallas kernels; XLA dequantize+dot at large M).
+            impl = "pallas_interpret" if INTERPRET else None
+            return quant_matmul(x, packed, scales, None, implementation=impl, **kw)
+        return qk.quant_matmul_pallas(x, packed, scales, None, config=config, interpret=INTERPRET, **kw)
+    return f
+
+
+def xla_bf16(x, w):
+    return x @ w
+
+
+def xla_deq_int8(x, w, s):
+    """The anchor's XLA int8 dequantize-then-dot (per-channel scale)."""
+    return x @ (w.astype(jnp.bfloat16) * s)
+
+
+def xla_deq_packed(kw):
+    """Our reference path in bf16: XLA dequantizes the packed layout, then a bf16 dot."""
+    from pallas_kernels.quant_matmul import dequantize
+
+    def f(x, packed, scales):
+        w = dequantize(packed, scales, None, **kw).astype(jnp.bfloat16)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return f
+
+
+def run_case(rows, k, n, m, method, fn, weights, nbytes, reps, config=None):
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    copies = [weights] + [jax.tree.map(lambda a: a + 0 if a.dtype != jnp.uint32 else a ^ jnp.uint32(i + 1), weights)
+                          for i in range(n_copies(nbytes) - 1)]
+    row = dict(K=k, N=n, M=m, method=method, config=_cfg_str(config))
+    try:
+        t, tmin = timed(fn, x, copies, reps)
+        row.update(us=t * 1e6, us_min=tmin * 1e6, weight_GBps=nbytes / t / 1e9,
+                   TFLOPs=2 * m * k * n / t / 1e12)
+    except Exception as e:  # a config Triton cannot compile (shared memory, registers) is a result too
+        row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        traceback.print_exc(limit=1)
+    rows.append(row)
+    _print_row(row)
+    del copies
+    return row
+
+
+def _cfg_str(c):
+    if c is None or isinstance(c, str):
+        return c
+    return (f"{c.mode} bm{c.bm} bn{c.bn} R{c.rows} s{c.splits} w{c.num_warps} st{c.num_stages}"
+            + ("" if c.scale_after_dot or c.mode != "gemv_dot" else " prescale"))
+
+
+def _print_row(r):
+    if "error" in r:
+        print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']} [{r['config']}]: {r['error']}", flush=True)
+    else:
+        print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']} [{r['config']}]: {r['us']:.1f} us "
+              f"{r['weight_GBps']:.0f} GB/s {r['TFLOPs']:.1f} TFLOP/s", flush=True)
+
+
+def sweep_configs(m, scheme, k, n):
+    """Block-size variants to try at one shape (explicit configs; splits auto-sized)."""
+    bits, g = SCHEMES[scheme]
+    kw = dict(bits=bits, group_size=k if g is None else g, in_features=k)
+    s_rows = layout.slab_rows(k, bits, kw["group_size"])
+    rmax = qk.max_rows_per_step(s_rows, kw["group_size"], k)
+    out = []
+
+    def auto_splits(bn, r, target=qk.DECODE_TARGET_PROGRAMS):
+        steps = s_rows // r
+        nb = -(-n // bn)
+        for d in qk._divisors(steps):
+            if nb * d >= target:
+                return d
+        return steps
+
+    if m <= 16:
+        variants = [  # (mode, bn, R, warps, stages, extra)
+            ("gemv_dot", 128, 128, 4, 3, {}), ("gemv_dot", 128, 64, 4, 3, {}),
+            ("gemv_dot", 64, 128, 4, 3, {}), ("gemv_dot", 256, 64, 4, 3, {}),
+            ("gemv_dot", 128, 32, 4, 3, {}), ("gemv_dot", 128, 128, 8, 3, {}),
+            ("gemv_dot", 128, 64, 4, 4, {}), ("gemv_dot", 128, 64, 4, 3, dict(scale_after_dot=False)),
+            ("gemv_dot", 128, 64, 4, 3, dict(target=2 * qk.NUM_SMS)),
+            ("gemv_dot", 128, 64, 4, 3, dict(target=16 * qk.NUM_SMS)),
+            ("gemv_fma", 128, 32, 4, 3, {}), ("gemv_fma", 256, 32, 4, 3, {}),
+            ("gemv_fma", 64, 64, 2, 3, {}),
+        ]
+        if scheme == "int8_pc" or m > 1:  # fewer: the int4 / int8 g32 sweeps cover the shapes
+            variants = variants[:4] + variants[10:11]
+        for mode, bn, r, w, st, extra in variants:
+            if mode == "gemv_fma" and m > 2:
+                continue
+            r = min(r, rmax)
+            extra = dict(extra)
+            target = extra.pop("target", qk.DECODE_TARGET_PROGRAMS)
+            out.append(Config(mode, 16, bn, r, splits=auto_splits(bn, r, target), num_warps=w,
+                              num_stages=st, **extra))
+    else:
+        variants = [  # (bm, bn, R, warps, stages)
+            (128, 128, 32, 8, 2), (128, 256, 32, 8, 2), (64, 128, 32, 4, 3), (128, 128, 16, 8, 3),
+            (128, 128, 64, 8, 2), (256, 128, 32, 8, 2), (128, 128, 32, 4, 2),
+        ]
+        if scheme != "int4_g128" or m > 512:
+            variants = variants[:3]
+        for bm, bn, r, w, st in variants:
+            out.append(Config("gemm", min(bm, max(16, pl_next_pow2(m))), bn, min(r, rmax),
+                              num_warps=w, num_stages=st))
+    # drop duplicates after clamping
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq, kw
+
+
+def _c(mode, bn, r, splits, w=4, st=3):
+    return Config(mode, 16, bn, r, splits=splits, num_warps=w, num_stages=st)
+
+
+# (K, N, M, scheme, Config or "xla_deq"); splits sized for >= ~2-4 programs per SM.
+SWEEP2 = [
+    (5120, 34816, 1, "int4_g128", _c("gemv_dot", 128, 128, 5, w=8)),  # best of round 1
+    (5120, 34816, 1, "int4_g128", _c("gemv_fma2", 128, 32, 2)),
+    (5120, 34816, 1, "int4_g128", _c("gemv_fma2", 256, 32, 4)),
+    (5120, 34816, 1, "int4_g128", _c("gemv_fma2", 128, 64, 2, w=8)),
+    (5120, 34816, 1, "int4_g128", _c("gemv_fma2", 64, 32, 1, w=2)),
+    (5120, 34816, 1, "int4_g128", _c("gemv_fma2", 128, 32, 5, st=2)),
+    (5120, 34816, 1, "int8_g32", _c("gemv_dot", 256, 32, 4)),  # best of round 1
+    (5120, 34816, 1, "int8_g32", _c("gemv_fma2", 128, 32, 2)),
+    (5120, 34816, 1, "int8_g32", _c("gemv_fma2", 256, 32, 4, w=8)),
+    (5120, 34816, 1, "int8_g32", _c("gemv_fma2", 64, 32, 1, w=2)),
+    (5120, 34816, 1, "int8_pc", _c("gemv_fma2", 128, 32, 2)),
+    (5120, 34816, 1, "int8_pc", _c("gemv_fma2", 128, 64, 2, w=8)),
+    (5120, 34816, 2, "int4_g128", _c("gemv_fma2", 128, 32, 2)),
+    (5120, 6144, 1, "int4_g128", _c("gemv_fma2", 128, 32, 10)),
+    (17408, 5120, 1, "int4_g128", _c("gemv_fma2", 128, 32, 17)),
+    (5120, 34816, 64, "int4_g128", "xla_deq"),
+    (5120, 34816, 64, "int8_g32", "xla_deq"),
+    (5120, 34816, 4096, "int8_g32", "xla_deq"),
+]
+
+
+def pl_next_pow2(v):
+    return 1 << (int(v) - 1).bit_length()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only M=1 and 512 at the first shape")
+    ap.add_argument("--sweep", action="store_true", help="block-size sweep at the first shape first")
+    ap.add_argument("--sweep2", action="store_true",
+                    help="second round: gemv_fma2 decode variants and XLA-dequantize prefill points")
+    ap.add_argument("--no-bench", action="store_true", help="only the sweep")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="stop starting new shapes after this many seconds (results so far kept)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU check)")
+    args = ap.parse_args()
+    if args.smoke:
+        global INTERPRET, SHAPES, ROWS, CACHE_BYTES
+        INTERPRET, SHAPES, ROWS, CACHE_BYTES = True, [(256, 512)], [1, 64], 1
+    t_start = time.perf_counter()
+    info = device_info()
+    print(info, flush=True)
+    rows, sweep_rows = [], []
+    key = jax.random.key(0)
+
+    if args.sweep:
+        k, n = SHAPES[0]
+        for m, schemes in [(1, ("int4_g128", "int8_g32", "int8_pc")), (8, ("int4_g128",)),
+                           (512, ("int4_g128", "int8_g32")), (4096, ("int4_g128",))]:
+            for scheme in schemes:
+                weights, nbytes, kw = quant_weights(k, n, scheme, key)
+                cfgs, kw = sweep_configs(m, scheme, k, n)
+                for cfg in cfgs:
+                    run_case(sweep_rows, k, n, m, f"ours_{scheme}", ours(kw, cfg), weights, nbytes,
+                             args.reps, cfg)
+                if m >= 512:
+                    run_case(sweep_rows, k, n, m, f"xla_deq_packed_{scheme}", xla_deq_packed(kw),
+                             weights, nbytes, args.reps)
+                del weights
+        write_json(args.json and args.json.replace(".json", "_sweep.json"),
+                   {"device": info, "rows": sweep_rows})
+
+    if args.sweep2:
+        for k, n, m, scheme, cfg in SWEEP2:
+            weights, nbytes, kw = quant_weights(k, n, scheme, key)
+            if cfg == "xla_deq":
+                run_case(sweep_rows, k, n, m, f"xla_deq_packed_{scheme}", xla_deq_packed(kw), weights,
+                         nbytes, args.reps)
+            else:
+                run_case(sweep_rows, k, n, m, f"ours_{scheme}", ours(kw, cfg), weights, nbytes,
+                         args.reps, cfg)
+            del weights
+        write_json(args.json and args.json.replace(".json", "_sweep2.json"),
+                   {"device": info, "rows": sweep_rows})
+
+    if not args.no_bench:
+        shapes = SHAPES[:1] if args.quick else SHAPES
+        ms = [1, 512] if args.quick else ROWS
+        for k, n in shapes:
+            if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+                print(f"time budget reached: skipping K={k} N={n} and later shapes", flush=True)
+                break
+            wb = jax.random.normal(key, (k, n), jnp.bfloat16)
+            w8 = jax.random.randint(key, (k, n), -127, 127, jnp.int8)
+            s8 = jnp.full((1, n), 0.01, jnp.bfloat16)
+            quant = {s: quant_weights(k, n, s, key) for s in SCHEMES}
+            for m in ms:
+                run_case(rows, k, n, m, "xla_bf16", xla_bf16, (wb,), wb.size * 2, args.reps)
+                run_case(rows, k, n, m, "xla_deq_int8", xla_deq_int8, (w8, s8), w8.size + s8.size * 2,
+                         args.reps)
+                for s, (weights, nbytes, kw) in quant.items():
+                    if m >= XLA_DEQUANT_MIN_ROWS[kw["bits"]] and not INTERPRET:
+                        cfg = "xla_dequant"
+                    else:
+                        cfg = qk.choose_config(m, n, **kw)
+                    run_case(rows, k, n, m, f"ours_{s}", ours(kw), weights, nbytes, args.reps, cfg)
+            del wb, w8, quant
+        # speed-up vs XLA bf16 at the same (K, N, M)
+        base = {(r["K"], r["N"], r["M"]): r.get("us") for r in rows if r["method"] == "xla_bf16"}
+        for r in rows:
+            b = base.get((r["K"], r["N"], r["M"]))
+            if b and r.get("us"):
+                r["vs_bf16"] = b / r["us"]
+        write_json(args.json, {"device": info, "rows": rows})
+
+    cols = [("K", "K"), ("N", "N"), ("M", "M"), ("method", "method"), ("config", "config"),
+            ("us", "us"), ("weight_GBps", "GB/s (weights)"), ("TFLOPs", "TFLOP/s"),
+            ("vs_bf16", "x vs bf16"), ("error", "error")]
+    if sweep_rows:
+        print("\n## sweep")
+        print_table(sweep_rows, cols[:-2] + cols[-1:])
+    if rows:
+        print("\n## benchmark")
+        print_table(rows, cols)
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
