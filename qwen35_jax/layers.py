@@ -274,15 +274,16 @@ def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int,
 
 
 def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int, v_head_dim: int,
-                         eps: float, conv_state, recurrent_state):
+                         eps: float, conv_state, recurrent_state, implementation: str | None = None):
     """The DeltaNet mixer for a few new tokens (decode, speculative verification), token by token.
 
     x [B, T, D] with small T; conv_state [B, W-1, C]; recurrent_state [B, Hv, K, V] f32. Returns
     (y [B, T, D], window [B, W-1+T, C], states [B, T, Hv, K, V]): ``window[:, t+1 : t+W]`` is the conv
     state after token t and ``states[:, t]`` the recurrent state after it, so a caller that keeps only
-    the first n tokens can roll back exactly.
+    the first n tokens can roll back exactly. ``implementation``: see
+    :func:`pallas_kernels.gated_delta.gated_delta_recurrent` (None: the Pallas kernel on GPU).
     """
-    from pallas_kernels.gated_delta import gated_delta_step
+    from pallas_kernels.gated_delta import gated_delta_recurrent
 
     B, T, _ = x.shape
     mixed = linear(x, p["in_proj_qkv"])
@@ -298,14 +299,10 @@ def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim
     v = mixed[..., 2 * kd:].reshape(B, T, num_v_heads, v_head_dim)
     beta = jax.nn.sigmoid(b)
     g = -jnp.exp(p["A_log"].astype(F32)) * jax.nn.softplus(a.astype(F32) + p["dt_bias"].astype(F32))
-    outs, states, s = [], [], recurrent_state
-    for t in range(T):  # T is a handful of tokens: unrolled
-        o_t, s = gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
-        outs.append(o_t)
-        states.append(s)
-    o = jnp.stack(outs, axis=1)
+    o, states = gated_delta_recurrent(q, k, v, g, beta, recurrent_state, implementation=implementation,
+                                      output_all_states=True)
     y = gated_rms_norm(o, z, p["norm"], eps).reshape(B, T, num_v_heads * v_head_dim)
-    return linear(y, p["out_proj"]), window, jnp.stack(states, axis=1)
+    return linear(y, p["out_proj"]), window, states
 
 
 def swiglu_mlp(x, p):

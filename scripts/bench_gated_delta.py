@@ -1,18 +1,29 @@
 """The gated delta rule at the 27B shapes (Hk=16 key heads, Hv=48 value heads, K=V=128) on one GPU:
-our implementations against flash-linear-attention (Triton), which vLLM and transformers use.
+our Pallas kernels and our XLA implementations against flash-linear-attention (Triton), which vLLM
+and transformers use.
 
     python scripts/bench_gated_delta.py --json out/bench_gated_delta.json
 
-Prefill: (B, T) in {(1, 4096), (1, 16384), (8, 2048)}; decode: one token for B in {1, 8, 32}.
+Prefill: (B, T) in {(1, 4096), (1, 16384), (8, 2048)}; decode: one token for B in {1, 8, 32}, per call
+and per layer inside one jit over 48 layers (as in a model step). Times are medians of repeated,
+warmed-up, synchronized runs; a run is `--inner` calls issued back to back then synchronized once,
+so host dispatch overlaps device work (as fla's own benchmark times it).
+
 flash-linear-attention is timed when ``fla`` imports (install the fla-core and flash-linear-attention
 0.6.0 wheels, pure Python); its q/k are our key heads repeated to 48 heads, as its GVA-less API needs.
-Each implementation's output is also compared with fla's on the same inputs (relative error).
+Every implementation is checked against our token-scan reference on the same inputs (relative error)
+and, where fla ran, against fla.
+
+Implementations (--impls, comma list): ``pallas[:precision[:block_v[:num_warps[:num_stages[:chunk]]]]]``
+or ``chunked[:solve[:precision[:chunk_size[:scan_unroll]]]]`` or ``naive``. ``--pieces`` also times
+the two Pallas kernels alone at the first prefill shape, in several launch settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 import time
 
@@ -20,12 +31,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.gated_delta import gated_delta_rule, gated_delta_step, reference
+from pallas_kernels.gated_delta import (
+    gated_delta_recurrent,
+    gated_delta_rule,
+    kernel_chunked,
+    naive_recurrent_gated_delta_rule,
+    reference,
+)
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import device_info, print_table, time_fn, write_json  # noqa: E402
+from benchlib import device_info, print_table, write_json  # noqa: E402
 
 HK, HV, K, V = 16, 48, 128, 128
+# FLOPs of the chunked form per token (B=1, T=4096 is ~31 GFLOP, see pallas_kernels/gated_delta/
+# NOTES.md): the useful work, whatever an implementation recomputes.
+FLOP_PER_TOKEN = 31e9 / 4096
+DEFAULT_IMPLS = "pallas:bf16x3,pallas:tf32x3,chunked:blocked:tf32x3"
 
 
 def make_inputs(B, T, seed=0):
@@ -49,7 +70,21 @@ def fla_available():
         return False
 
 
-def time_torch(fn, reps=20):
+def time_pipelined(fn, *args, reps=10, inner=5, warmup=2):
+    """Median seconds per call of fn(*args): `inner` calls back to back, one synchronization."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def time_torch(fn, reps=10, inner=5):
     import torch
 
     for _ in range(3):
@@ -58,90 +93,238 @@ def time_torch(fn, reps=20):
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / inner)
     return float(np.median(times))
 
 
 def rel_err(a, b):
+    if b is None:
+        return None
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def parse_impl(spec):
+    """-> (label, kwargs for gated_delta_rule, scan_unroll)."""
+    parts = spec.split(":")
+    name, rest = parts[0], parts[1:] + [""] * 6
+    if name == "pallas":
+        precision, block_v, num_warps, num_stages, chunk = rest[:5]
+        kw = {"implementation": "pallas", "precision": precision or "tf32x3"}
+        for key, val in (("block_v", block_v), ("num_warps", num_warps), ("num_stages", num_stages),
+                         ("chunk_size", chunk)):
+            if val:
+                kw[key] = int(val)
+        return spec, kw, None
+    solve, precision, chunk, unroll = rest[:4]
+    kw = {"implementation": name}
+    if solve:
+        kw["solve"] = solve
+    if precision:
+        kw["precision"] = precision
+    if chunk:
+        kw["chunk_size"] = int(chunk)
+    return spec, kw, int(unroll) if unroll else None
+
+
+def bench_prefill(args, rows, use_fla):
+    for n_shape, shape in enumerate(args.prefill.split(",")):
+        B, T = map(int, shape.split("x"))
+        q, k, v, g, beta = make_inputs(B, T)
+        qj = jnp.asarray(q * K ** -0.5, jnp.bfloat16)
+        kj, vj, bj = (jnp.asarray(x, jnp.bfloat16) for x in (k, v, beta))
+        gj = jnp.asarray(g)
+        case = f"prefill B={B} T={T}"
+        o_ref = None
+        if not args.no_reference:
+            o_ref, _ = jax.jit(naive_recurrent_gated_delta_rule)(qj, kj, vj, gj, bj)
+            o_ref = np.asarray(o_ref, np.float32)
+        fla_o = None
+        if use_fla:
+            import torch
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+            tq, tk = (torch.tensor(np.repeat(x, HV // HK, axis=2), dtype=torch.bfloat16, device="cuda") for x in (q * np.float32(K ** -0.5), k))
+            tv, tb = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in (v, beta))
+            tg = torch.tensor(g, device="cuda")
+            # scale=1: q is pre-scaled exactly as ours (fla's default would scale by K**-0.5 again)
+            fla_fn = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tb, scale=1.0, output_final_state=True)  # noqa: E731
+            fla_o = fla_fn()[0].float().cpu().numpy()
+            dt = time_torch(fla_fn, reps=args.reps, inner=args.inner)
+            rows.append({"case": case, "impl": "fla chunk (Triton)", "ms": dt * 1e3, "Mtok_s": B * T / dt / 1e6,
+                         "TFLOP_s": FLOP_PER_TOKEN * B * T / dt / 1e12, "rel_err_vs_ref": rel_err(fla_o, o_ref),
+                         "rel_err_vs_fla": 0.0})
+            print(rows[-1], flush=True)
+        impls = args.impls.split(",")
+        if n_shape > 0 and args.main_only:
+            impls = impls[:2] + [i for i in impls if i.startswith("chunked")][:1]
+        for spec in impls:
+            label, kw, unroll = parse_impl(spec)
+            reference.SCAN_UNROLL = unroll or 2
+            fn = jax.jit(functools.partial(gated_delta_rule, **kw))
+            try:
+                t0 = time.perf_counter()
+                o, _ = jax.block_until_ready(fn(qj, kj, vj, gj, bj))
+                compile_s = time.perf_counter() - t0
+            except Exception as e:
+                print(f"{spec} {case} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                continue
+            t = time_pipelined(fn, qj, kj, vj, gj, bj, reps=args.reps, inner=args.inner)
+            rows.append({"case": case, "impl": f"ours {label}", "ms": t * 1e3, "Mtok_s": B * T / t / 1e6,
+                         "TFLOP_s": FLOP_PER_TOKEN * B * T / t / 1e12, "rel_err_vs_ref": rel_err(o, o_ref),
+                         "rel_err_vs_fla": rel_err(o, fla_o), "compile_s": compile_s})
+            print(rows[-1], flush=True)
+        if args.pieces and n_shape == 0:
+            bench_pieces(qj, kj, vj, gj, bj, case, rows, args)
+
+
+def bench_pieces(q, k, v, g, beta, case, rows, args):
+    """The two Pallas kernels alone (same inputs), so their shares of the total are known.
+    --piece-intra: precision:num_warps list; --piece-state: precision:block_v:num_warps list."""
+    B, T = k.shape[:2]
+    first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
+    q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
+    v2, g2, b2 = v.reshape(B * T, HV * V), g.reshape(B * T, HV), beta.reshape(B * T, HV)
+    x = p = None
+    for spec in args.piece_intra.split(","):
+        prec, nw = spec.split(":")
+        intra = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
+                                          precision=prec, num_warps=int(nw)))
+        try:
+            x, p = intra(q2, k2, g2, b2, starts, lens)
+        except Exception as e:
+            print(f"intra {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+            continue
+        t = time_pipelined(intra, q2, k2, g2, b2, starts, lens, reps=args.reps, inner=args.inner)
+        rows.append({"case": case, "impl": f"piece: intra-chunk kernel (X, P) {prec} warps={nw}", "ms": t * 1e3})
+        print(rows[-1], flush=True)
+    if x is None:
+        return
+    for spec in args.piece_state.split(","):
+        prec, bv, nw = spec.split(":")
+        sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
+                                       out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
+                                       num_warps=int(nw)))
+        try:
+            jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens))
+        except Exception as e:
+            print(f"state pass {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+            continue
+        t = time_pipelined(sp, q2, k2, v2, g2, b2, x, p, None, first, starts, lens, reps=args.reps,
+                           inner=args.inner)
+        rows.append({"case": case, "impl": f"piece: state-pass kernel {prec} BV={bv} warps={nw}", "ms": t * 1e3})
+        print(rows[-1], flush=True)
+
+
+def bench_decode(args, rows, use_fla):
+    L = args.layers
+    for B in map(int, args.decode.split(",")):
+        q, k, v, g, beta = make_inputs(B, 1, seed=B)
+        state = jnp.asarray(np.random.default_rng(0).standard_normal((B, HV, K, V)).astype(np.float32) * 0.1)
+        args_j = (jnp.asarray(q * K ** -0.5, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
+                  jnp.asarray(v, jnp.bfloat16), jnp.asarray(g), jnp.asarray(beta, jnp.bfloat16))
+        state_bytes = 2 * B * HV * K * V * 4
+        case = f"decode B={B}"
+        o_ref, _ = gated_delta_recurrent(*args_j, state, implementation="naive")
+        variants = [("XLA step", dict(implementation="naive"))]
+        for spec in args.decode_impls.split(","):
+            bv, nw = (spec.split(":") + [""])[:2]
+            variants.append((f"pallas BV={bv} warps={nw}", dict(implementation="pallas", block_v=int(bv), num_warps=int(nw))))
+        for label, kw in variants:
+            step = jax.jit(functools.partial(gated_delta_recurrent, **kw), donate_argnums=5)
+            try:
+                o, _ = step(*args_j, jnp.array(state))
+                err = rel_err(o, o_ref)
+            except Exception as e:
+                print(f"{label} {case} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+                continue
+            s = jnp.array(state)
+            for _ in range(3):
+                _, s = step(*args_j, s)
+            jax.block_until_ready(s)
+            times = []
+            for _ in range(args.reps * 5):
+                t0 = time.perf_counter()
+                _, s = step(*args_j, s)
+                s.block_until_ready()
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times))
+            rows.append({"case": case, "impl": f"ours {label} (one call)", "us": t * 1e6,
+                         "GB_s": state_bytes / t / 1e9, "rel_err_vs_ref": err})
+            print(rows[-1], flush=True)
+
+            # L layers inside one jit, each its own donated state (as the model's cache tuple): the
+            # per-layer cost inside a model step, launch gaps included.
+            def layers(states, *a, kw=kw):
+                outs = []
+                for s_i in states:
+                    o, s_i = gated_delta_recurrent(*a, s_i, **kw)
+                    outs.append(s_i)
+                    a = (a[0], a[1], o.astype(a[2].dtype)) + a[3:]  # chain the layers
+                return tuple(outs)
+
+            multi = jax.jit(layers, donate_argnums=0)
+            ss = tuple(jnp.array(state) for _ in range(L))
+            ss = multi(ss, *args_j)
+            jax.block_until_ready(ss)
+            times = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                ss = multi(ss, *args_j)
+                jax.block_until_ready(ss)
+                times.append(time.perf_counter() - t0)
+            t = float(np.median(times)) / L
+            rows.append({"case": case, "impl": f"ours {label} ({L} layers in one jit, per layer)", "us": t * 1e6,
+                         "GB_s": state_bytes / t / 1e9})
+            print(rows[-1], flush=True)
+        if use_fla:
+            import torch
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+            tq, tk = (torch.tensor(np.repeat(x, HV // HK, axis=2), dtype=torch.bfloat16, device="cuda") for x in (q * np.float32(K ** -0.5), k))
+            tv, tb = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in (v, beta))
+            tg = torch.tensor(g, device="cuda")
+            ts = torch.tensor(np.asarray(state), device="cuda")
+            fn = lambda: fused_recurrent_gated_delta_rule(tq, tk, tv, tg, tb, scale=1.0, initial_state=ts,  # noqa: E731
+                                                          output_final_state=True)
+            dt = time_torch(fn, reps=args.reps, inner=20)
+            rows.append({"case": case, "impl": "fla fused_recurrent (Triton, pipelined calls)", "us": dt * 1e6,
+                         "GB_s": state_bytes / dt / 1e9})
+            print(rows[-1], flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prefill", default="1x4096,1x16384,8x2048")
     ap.add_argument("--decode", default="1,8,32")
-    ap.add_argument("--impls", default="chunked:blocked:float32,chunked:blocked:tf32x3,chunked:blocked:bf16x6",
-                    help="comma list of name[:solve[:precision[:chunk_size[:scan_unroll]]]]")
+    ap.add_argument("--impls", default=DEFAULT_IMPLS)
+    ap.add_argument("--decode-impls", default="16:1,32:4", help="comma list of block_v:num_warps")
+    ap.add_argument("--main-only", action="store_true",
+                    help="after the first prefill shape, time only the first impl and the first chunked one")
+    ap.add_argument("--pieces", action="store_true")
+    ap.add_argument("--piece-intra", default="bf16x3:4,bf16x3:2,bf16x3:1")
+    ap.add_argument("--piece-state", default="bf16x3:32:4,bf16x3:64:4,bf16x3:64:8")
+    ap.add_argument("--no-reference", action="store_true", help="skip the token-scan reference (errors)")
+    ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     use_fla = fla_available()
     rows = []
-    for shape in args.prefill.split(","):
-        B, T = map(int, shape.split("x"))
-        q, k, v, g, beta = make_inputs(B, T)
-        qj = jnp.asarray(q * K ** -0.5, jnp.bfloat16)
-        kj, vj, bj = (jnp.asarray(x, jnp.bfloat16) for x in (k, v, beta))
-        gj = jnp.asarray(g)
-        fla_o = None
-        if use_fla:
-            import torch
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-            tq, tk = (torch.tensor(np.repeat(x, HV // HK, axis=2), dtype=torch.bfloat16, device="cuda") for x in (q, k))
-            tv, tb = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in (v, beta))
-            tg = torch.tensor(g, device="cuda")
-            fla_fn = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tb, output_final_state=True)
-            fla_o = fla_fn()[0].float().cpu().numpy()
-            dt = time_torch(fla_fn)
-            rows.append({"case": f"prefill B={B} T={T}", "impl": "fla chunk (Triton)", "ms": dt * 1e3,
-                         "Mtok_s": B * T / dt / 1e6, "rel_err_vs_fla": 0.0})
-            print(rows[-1], flush=True)
-        for impl in args.impls.split(","):
-            # name[:solve[:precision[:chunk_size[:scan_unroll]]]]
-            name, solve, precision, chunk, unroll = (impl.split(":") + [""] * 4)[:5]
-            reference.SCAN_UNROLL = int(unroll) if unroll else 1
-            kw = {k: v for k, v in (("solve", solve), ("precision", precision)) if v}
-            if chunk:
-                kw["chunk_size"] = int(chunk)
-            fn = jax.jit(functools.partial(gated_delta_rule, implementation=name, **kw))
-            try:
-                o, _ = jax.block_until_ready(fn(qj, kj, vj, gj, bj))
-            except Exception as e:
-                print(f"{impl} B={B} T={T} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            t = time_fn(fn, qj, kj, vj, gj, bj, warmup=1, reps=args.reps)["median_s"]
-            rows.append({"case": f"prefill B={B} T={T}", "impl": f"ours {impl}", "ms": t * 1e3,
-                         "Mtok_s": B * T / t / 1e6, "rel_err_vs_fla": rel_err(o, fla_o) if fla_o is not None else None})
-            print(rows[-1], flush=True)
-
-    for B in map(int, args.decode.split(",")):
-        q, k, v, g, beta = make_inputs(B, 1, seed=B)
-        state = jnp.asarray(np.random.default_rng(0).standard_normal((B, HV, K, V)).astype(np.float32) * 0.1)
-        args_j = (jnp.asarray(q[:, 0] * K ** -0.5, jnp.bfloat16), jnp.asarray(k[:, 0], jnp.bfloat16),
-                  jnp.asarray(v[:, 0], jnp.bfloat16), jnp.asarray(g[:, 0]), jnp.asarray(beta[:, 0], jnp.bfloat16))
-        step = jax.jit(gated_delta_step, donate_argnums=5)
-        s = state
-        for _ in range(3):
-            _, s = step(*args_j, s)
-        jax.block_until_ready(s)
-        times = []
-        for _ in range(50):
-            t0 = time.perf_counter()
-            _, s = step(*args_j, s)
-            s.block_until_ready()
-            times.append(time.perf_counter() - t0)
-        t = float(np.median(times))
-        state_bytes = 2 * B * HV * K * V * 4
-        rows.append({"case": f"decode B={B}", "impl": "ours XLA step (one call)", "ms": t * 1e3,
-                     "GB_s": state_bytes / t / 1e9})
-        print(rows[-1], flush=True)
+    if args.prefill:
+        bench_prefill(args, rows, use_fla)
+    if args.decode:
+        bench_decode(args, rows, use_fla)
     print(f"\ngated delta rule, Hk={HK} Hv={HV} K={K} V={V}, bf16 inputs, fp32 state; {device_info()}")
-    print_table(rows, [("case", "case"), ("impl", "implementation"), ("ms", "ms"), ("Mtok_s", "Mtok/s"),
-                       ("GB_s", "state GB/s"), ("rel_err_vs_fla", "rel. err vs fla")])
+    shown = [{key: (f"{val:.1e}" if key.startswith("rel_err") and val is not None else val)
+              for key, val in row.items()} for row in rows]
+    print_table(shown, [("case", "case"), ("impl", "implementation"), ("ms", "ms"), ("us", "us"),
+                       ("Mtok_s", "Mtok/s"), ("TFLOP_s", "TFLOP/s"), ("GB_s", "state GB/s"),
+                       ("rel_err_vs_ref", "rel. err vs scan"), ("rel_err_vs_fla", "rel. err vs fla")])
     write_json(args.json, {"benchmark": "gated_delta", "device": device_info(), "rows": rows})
 
 

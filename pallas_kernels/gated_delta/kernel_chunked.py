@@ -1,0 +1,386 @@
+"""Pallas (Triton) kernels for the chunked gated delta rule (prefill, training forward).
+
+Math: the chunkwise form of Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv:2412.06464) with the
+WY/UT representation of Yang et al. (arXiv:2406.06484); `reference.chunk_gated_delta_rule` is the
+readable XLA version and the ground truth. Per chunk of C tokens (gamma_i = sum of g over the chunk
+up to token i, all decays exp(.) <= 1):
+
+    A   = strict_lower(beta_i (k_i . k_j) exp(gamma_i - gamma_j))          [C, C]
+    X   = (I + A)^-1                                                       (the UT transform)
+    P   = lower(  (q_i . k_j) exp(gamma_i - gamma_j))                      [C, C], diagonal included
+    rhs = beta * (V - exp(gamma) * (K S))                                  [C, V]
+    V'  = X rhs        (= U - W S of the WY form, fused: W S = X diag(beta e^gamma) K S)
+    O   = exp(gamma) * (Q S) + P V'
+    S  <- exp(gamma_C) S + (K * exp(gamma_C - gamma))^T V'
+
+Two kernels:
+  1. `_intra_chunk_kernel`, grid (chunk, value head), fully parallel: X and P of one chunk. A is
+     built from 16-row blocks; the 4 diagonal 16x16 blocks are inverted by forward substitution
+     (row by row, exact for a unit lower-triangular matrix) and the off-diagonal blocks of X follow
+     by block forward substitution X_ab = -X_aa sum_m A_am X_mb, as fla's solve_tril does with its
+     16x16 blocks (our own code). X and P go to HBM in fp32 (2 x 16 KB per chunk and head).
+  2. `_state_pass_kernel`, grid (sequence x value head, V / BV): the sequential pass over the chunks
+     of one sequence with the state tile S [K, BV] held in registers the whole time (the XLA scan
+     writes it to HBM and relaunches kernels every chunk). Per chunk: 5 small matmuls.
+
+Sequences are packed along the token axis with `cu_seqlens` (B = 1) or come as a batch (each row a
+sequence); both become a table of chunks that never cross a sequence boundary, so states never mix.
+The last chunk of a sequence is masked (loads read zeros past its end; stores are masked).
+
+Shapes: B batch, T tokens, Hk key heads, Hv value heads (a multiple of Hk; value head j reads key
+head j // (Hv // Hk)), K key dim, V value dim, C chunk size, N chunks, S sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gated_delta import kernel_common as kc
+
+F32 = jnp.float32
+_BLOCK = 16  # rows of the diagonal blocks of A: the smallest tile a Triton dot accepts
+CHUNK_SIZES = (16, 32, 64)
+
+
+def _iota2(n):
+    rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return rows, cols
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower a [n, n] (n = 16) by forward substitution, in fp32.
+
+    Row i of the inverse is e_i - sum_{j<i} a[i, j] X[j]; a[i, j>=i] = 0, so using the whole X (whose
+    rows >= i are still identity rows) is exact. Rows are selected with masks and reductions
+    because Triton cannot index a register tile dynamically.
+    """
+    n = a.shape[0]
+    rows, cols = _iota2(n)
+    col_ids = lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+    def step(i, x):
+        a_row = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)  # a[i, :], indexed by j
+        new = jnp.where(col_ids == i, 1.0, 0.0) - jnp.sum(a_row[:, None] * x, axis=0)
+        return jnp.where(rows == i, new[None, :], x)
+
+    return lax.fori_loop(1, n, step, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
+
+
+def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, x_ref, p_ref, *,
+                        chunk, num_value_heads, group, key_dim, precision):
+    """X = (I + A)^-1 and P of chunk slot c, value head j (see the module docstring).
+
+    Refs: starts, lens [N] int32 (first token, token count of each chunk slot); q, k [Ttot, Hk*K];
+    g, beta [Ttot, Hv]; x, p [N*Hv*C, C] float32 (row block (c*Hv + j)*C holds this chunk's matrix).
+
+    Works one 16-row block a at a time (block forward substitution by rows), loading k/q blocks
+    when needed and storing each finished block at once, so few tiles are live in registers.
+    """
+    # Value heads vary fastest in the launch order, so the G heads that share a key head (and its
+    # q, k loads) run side by side.
+    j = pl.program_id(0)
+    c = pl.program_id(1)
+    h = j // group
+    start = starts_ref[c]
+    length = lens_ref[c]
+    nb = chunk // _BLOCK
+    ids = lax.broadcasted_iota(jnp.int32, (_BLOCK,), 0)
+    feature_cols = pl.ds(h * key_dim, key_dim)
+
+    def rows(a):
+        return pl.ds(start + a * _BLOCK, _BLOCK)
+
+    def valid(a):  # past the chunk's end: k = q = 0, beta = g = 0
+        return a * _BLOCK + ids < length
+
+    def load_qk(ref, a):  # [16, K]
+        mask = jnp.broadcast_to(valid(a)[:, None], (_BLOCK, key_dim))
+        return kc.load(ref.at[rows(a), feature_cols], mask=mask, other=0)
+
+    gammas, betas = [], []
+    offset = jnp.zeros((), F32)
+    for a in range(nb):
+        g_a = kc.load(g_ref.at[rows(a), j], mask=valid(a), other=0).astype(F32)
+        betas.append(kc.load(beta_ref.at[rows(a), j], mask=valid(a), other=0).astype(F32))
+        # gamma within the chunk: the block's own prefix sum plus the sum of the blocks before it.
+        gammas.append(jnp.cumsum(g_a) + offset)
+        offset = offset + jnp.sum(g_a)
+
+    rows2, cols2 = _iota2(_BLOCK)
+    base = (c * num_value_heads + j) * chunk
+    zeros = jnp.zeros((_BLOCK, _BLOCK), F32)
+
+    def put(ref, a, b, val):
+        ref[pl.ds(base + a * _BLOCK, _BLOCK), pl.ds(b * _BLOCK, _BLOCK)] = val
+
+    x_blk = {}
+    for a in range(nb):
+        k_a = load_qk(k_ref, a)
+        q_a = load_qk(q_ref, a)
+        a_row = {}
+        for b in range(a + 1):
+            k_b = k_a if b == a else load_qk(k_ref, b)
+            # exp of a difference of prefix sums, clamped at 0 (never exp(gamma_i) * exp(-gamma_j),
+            # which overflows); on the diagonal blocks the upper triangle is masked to 0.
+            decay = jnp.exp(jnp.minimum(gammas[a][:, None] - gammas[b][None, :], 0.0))
+            if a == b:
+                decay_incl = jnp.where(rows2 >= cols2, decay, 0.0)
+                decay_strict = jnp.where(rows2 > cols2, decay, 0.0)
+            else:
+                decay_incl = decay_strict = decay
+            kk = kc.mm(k_a, k_b, precision, trans_b=True)
+            a_row[b] = betas[a][:, None] * kk * decay_strict
+            put(p_ref, a, b, kc.mm(q_a, k_b, precision, trans_b=True) * decay_incl)
+        for b in range(a + 1, nb):
+            put(p_ref, a, b, zeros)
+            put(x_ref, a, b, zeros)
+        # Row block a of X: X_aa by forward substitution, then X_ab = -X_aa sum_m A_am X_mb.
+        x_aa = _unit_lower_inverse(a_row[a])
+        for b in range(a):
+            acc = kc.mm(a_row[b], x_blk[b, b], precision)
+            for m in range(b + 1, a):
+                acc = acc + kc.mm(a_row[m], x_blk[m, b], precision)
+            x_blk[a, b] = -kc.mm(x_aa, acc, precision)
+            put(x_ref, a, b, x_blk[a, b])
+        x_blk[a, a] = x_aa
+        put(x_ref, a, a, x_aa)
+
+
+def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, x_ref,
+                       p_ref, *rest, chunk, num_value_heads, group, key_dim, value_dim, block_v,
+                       precision, has_initial_state):
+    """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
+
+    Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
+    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; x, p [N*Hv*C, C]; optional h0 [S*Hv*K, V];
+    outputs o [Ttot, Hv*V], ht [S*Hv*K, V] float32.
+    """
+    if has_initial_state:
+        h0_ref, o_ref, ht_ref = rest
+    else:
+        o_ref, ht_ref = rest
+    # V blocks vary fastest in the launch order: the programs of one head that read the same q, k,
+    # X, P run side by side and share them through L2.
+    vb = pl.program_id(0)
+    sj = pl.program_id(1)
+    seq = sj // num_value_heads
+    j = sj % num_value_heads
+    h = j // group
+    state_rows = pl.ds(sj * key_dim, key_dim)
+    state_cols = pl.ds(vb * block_v, block_v)
+    if has_initial_state:
+        s0 = h0_ref[state_rows, state_cols].astype(F32)
+    else:
+        s0 = jnp.zeros((key_dim, block_v), F32)
+    ids = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    v_cols = pl.ds(j * value_dim + vb * block_v, block_v)
+    k_cols = pl.ds(h * key_dim, key_dim)
+
+    def body(c, s):
+        start = starts_ref[c]
+        length = lens_ref[c]
+        rows = pl.ds(start, chunk)
+        valid = ids < length
+        valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
+        valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
+        k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)  # [C, K]
+        q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
+        v = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32)  # [C, BV]
+        g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
+        beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
+        mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
+        x = x_ref[mat_rows, :]  # [C, C]
+        p = p_ref[mat_rows, :]
+        gamma = jnp.cumsum(g)
+        gamma_end = jnp.sum(g)  # gamma of the last token (padded tokens have g = 0)
+        decay_in = jnp.exp(gamma)[:, None]  # chunk start -> token i
+        decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[:, None]  # token i -> chunk end
+        ks = kc.mm(k, s, precision)  # [C, BV]
+        qs = kc.mm(q, s, precision)
+        rhs = beta[:, None] * (v - decay_in * ks)
+        v_new = kc.mm(x, rhs, precision)
+        o = decay_in * qs + kc.mm(p, v_new, precision)
+        kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
+        # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
+        return jnp.exp(gamma_end) * s + kc.mm(k, decay_out * v_new, precision, trans_a=True)
+
+    s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
+    ht_ref[state_rows, state_cols] = s
+
+
+def concrete_offsets(cu_seqlens):
+    """cu_seqlens as a numpy int64 array when its values are known at trace time, else None."""
+    try:
+        return np.asarray(cu_seqlens, np.int64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def chunk_table(cu_seqlens, total_tokens: int, chunk: int):
+    """Chunks that never cross a sequence boundary.
+
+    Args:
+      cu_seqlens: [S+1] int sequence offsets into the packed token axis (numpy/list: the table is
+        built on the host with exactly as many slots as chunks; a traced array: built on device with
+        an upper bound of slots, the spare ones empty).
+      total_tokens: Ttot, the packed length.
+
+    Returns:
+      (first [S+1], starts [N], lens [N]) int32: sequence s owns slots first[s] .. first[s+1]-1;
+      slot c covers tokens starts[c] .. starts[c] + lens[c] - 1 (lens[c] <= C; 0 for spare slots).
+    """
+    host = concrete_offsets(cu_seqlens)
+    if host is None:
+        cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+        num_seqs = cu.shape[0] - 1
+        # sum_s ceil(len_s / C) <= (Ttot + S (C - 1)) / C
+        num_slots = max(1, (total_tokens + num_seqs * (chunk - 1)) // chunk)
+        counts = (cu[1:] - cu[:-1] + chunk - 1) // chunk
+        first = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+        slot = jnp.arange(num_slots, dtype=jnp.int32)
+        seq = jnp.clip(jnp.searchsorted(first[1:], slot, side="right"), 0, num_seqs - 1)
+        starts = cu[seq] + (slot - first[seq]) * chunk
+        lens = jnp.clip(cu[seq + 1] - starts, 0, chunk)
+        used = slot < first[-1]
+        return first, jnp.where(used, starts, 0), jnp.where(used, lens, 0)
+    cu = host
+    counts = -(-np.diff(cu) // chunk)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    starts = np.concatenate([cu[s] + chunk * np.arange(n) for s, n in enumerate(counts)] + [[0]])
+    starts = starts[: max(1, first[-1])]  # a grid cannot be empty: keep one spare slot if needed
+    seq = np.clip(np.searchsorted(first[1:], np.arange(len(starts)), side="right"), 0, len(cu) - 2)
+    lens = np.clip(cu[seq + 1] - starts, 0, chunk) * (np.arange(len(starts)) < first[-1])
+    return tuple(jnp.asarray(x, jnp.int32) for x in (first, starts, lens))
+
+
+def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision="tf32x3",
+                num_warps=4, interpret=False):
+    """Kernel 1 on packed 2-D views: q2, k2 [Ttot, Hk*K]; g2, beta2 [Ttot, Hv]; chunk table
+    starts, lens [N]. Returns (X, P) [N*Hv*C, C] float32."""
+    num_value_heads = g2.shape[1]
+    key_dim = q2.shape[1] * group // num_value_heads
+    num_slots = starts.shape[0]
+    mat = jax.ShapeDtypeStruct((num_slots * num_value_heads * chunk_size, chunk_size), F32)
+    return pl.pallas_call(
+        functools.partial(_intra_chunk_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
+                          group=group, key_dim=key_dim,
+                          precision=kc.dot_precision(precision, interpret)),
+        out_shape=(mat, mat),
+        grid=(num_value_heads, num_slots),
+        compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="gated_delta_intra_chunk",
+    )(starts, lens, q2, k2, g2, beta2)
+
+
+def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
+               precision="tf32x3", block_v=32, num_warps=4, num_stages=2, interpret=False):
+    """Kernel 2 on packed 2-D views (see `intra_chunk`; v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None).
+    Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
+    total, num_value_heads = g2.shape
+    value_dim = v2.shape[1] // num_value_heads
+    key_dim = q2.shape[1] * group // num_value_heads
+    num_seqs = first.shape[0] - 1
+    bv = min(block_v, value_dim)
+    has_h0 = h0 is not None
+    return pl.pallas_call(
+        functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
+                          group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
+                          precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0),
+        out_shape=(
+            jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
+            jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
+        ),
+        grid=(value_dim // bv, num_seqs * num_value_heads),
+        compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="gated_delta_state_pass",
+    )(first, starts, lens, q2, k2, v2, g2, beta2, x, p, *(() if h0 is None else (h0,)))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
+                     "num_warps_intra", "interpret"),
+)
+def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
+                              out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
+                              interpret):
+    """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
+    initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
+    total, num_key_heads, key_dim = k.shape
+    num_value_heads, value_dim = v.shape[-2:]
+    group = num_value_heads // num_key_heads
+    num_seqs = first.shape[0] - 1
+    q2 = q.reshape(total, num_key_heads * key_dim)
+    k2 = k.reshape(total, num_key_heads * key_dim)
+    v2 = v.reshape(total, num_value_heads * value_dim)
+    g2 = g.astype(F32)
+    x, p = intra_chunk(q2, k2, g2, beta, starts, lens, chunk_size=chunk_size, group=group,
+                       precision=precision, num_warps=num_warps_intra, interpret=interpret)
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.astype(F32).reshape(num_seqs * num_value_heads * key_dim, value_dim)
+    o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, starts, lens, chunk_size=chunk_size,
+                        group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
+                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+    return (o2.reshape(total, num_value_heads, value_dim),
+            ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
+
+
+def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_seqlens=None,
+                                  chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
+                                  block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
+                                  num_warps_intra: int = 4, interpret: bool = False):
+    """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
+
+    Args:
+      q, k: [B, T, Hk, K], l2-normalised (q also scaled by K**-0.5).
+      v: [B, T, Hv, V], Hv a multiple of Hk.
+      g: [B, T, Hv] float32 log-decay; beta: [B, T, Hv].
+      initial_state: optional [S, Hv, K, V] float32 (S = B, or the number of packed sequences).
+      cu_seqlens: optional [S+1] offsets of sequences packed along T (then B must be 1).
+      chunk_size: C in CHUNK_SIZES.
+      precision: in-kernel dot arithmetic for fp32 operands, one of kernel_common.PRECISIONS.
+      block_v: BV, value columns per program of the state pass (a power of two >= 16). The
+        defaults (bf16x3, BV=64, 4 warps) were the fastest measured on an H200 (NOTES.md).
+
+    Returns:
+      (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
+    """
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Pallas kernels, got {chunk_size}")
+    batch, seq_len, num_key_heads, key_dim = k.shape
+    num_value_heads, value_dim = v.shape[-2:]
+    out_dtype = jnp.dtype(v.dtype if out_dtype is None else out_dtype)
+    total = batch * seq_len
+    if cu_seqlens is None:
+        cu_seqlens = np.arange(batch + 1) * seq_len
+    elif batch != 1:
+        raise ValueError(f"with cu_seqlens the batch must be 1 (sequences packed along T), got B={batch}")
+    first, starts, lens = chunk_table(cu_seqlens, total, chunk_size)
+    # Power-of-two feature dims for Triton (>= 16 for its dots); zero padding is exact.
+    kp, vp = kc.pow2_at_least(key_dim), kc.pow2_at_least(value_dim)
+    if not kc.is_pow2(block_v) or block_v < 16:
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    qf = kc.pad_axis(q, 3, kp).reshape(total, num_key_heads, kp)
+    kf = kc.pad_axis(k, 3, kp).reshape(total, num_key_heads, kp)
+    vf = kc.pad_axis(v, 3, vp).reshape(total, num_value_heads, vp)
+    h0 = None
+    if initial_state is not None:
+        h0 = kc.pad_axis(kc.pad_axis(initial_state.astype(F32), 2, kp), 3, vp)
+    o, ht = _chunk_gated_delta_packed(
+        qf, kf, vf, g.reshape(total, num_value_heads), beta.reshape(total, num_value_heads), h0,
+        first, starts, lens, chunk_size=chunk_size, out_dtype=out_dtype, precision=precision,
+        block_v=block_v, num_warps=num_warps, num_stages=num_stages,
+        num_warps_intra=num_warps_intra, interpret=interpret,
+    )
+    o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
+    return o, ht[..., :key_dim, :value_dim]

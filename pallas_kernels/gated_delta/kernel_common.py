@@ -1,0 +1,125 @@
+"""Helpers shared by the gated-delta Pallas kernels (Triton lowering on GPU, interpret mode on CPU).
+
+The kernels are written for the Triton lowering of `pl.pallas_call`: every value inside a kernel
+has power-of-two dimensions, dots are 2-D with every dimension >= 16, and refs are whole arrays
+indexed with `pl.ds` (no BlockSpecs), with masked loads/stores at ragged edges.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # the Triton-specific API moved between jax releases; guard both names
+    from jax.experimental.pallas import triton as _plt
+except ImportError:  # pragma: no cover - very old jax
+    _plt = None
+
+F32 = jnp.float32
+
+# In-kernel dot arithmetic for products that involve the fp32 state (or other fp32 values).
+# "bf16x3" splits each fp32 operand x into bf16 hi = bf16(x) and lo = bf16(x - hi) and sums
+# hi*hi + hi*lo + lo*hi on the bf16 tensor cores (done by hand in `mm`, so it is the same on every
+# backend): ~2^-16 relative error per product, and an operand that is already bf16 (q, k, v of a
+# bf16 model) is exact, so its products take 2 passes, not 3. "tf32x3" is Triton's 3-pass TF32
+# (fp32-level accuracy, each pass at half the bf16 rate). "tf32" is one TF32 pass (~5e-4 relative
+# per product). "float32" is IEEE fp32 on the SIMT cores. Triton's own BF16 presets are not used:
+# the lowering runs them as one plain bf16 pass, which would round the fp32 state to bf16.
+PRECISIONS = ("bf16x3", "tf32x3", "tf32", "float32")
+_SPLIT = "bf16x3"
+
+
+def compiler_params(num_warps: int, num_stages: int | None = None):
+    """Triton compiler parameters (the class name differs between jax versions)."""
+    if _plt is None:  # pragma: no cover
+        return None
+    cls = getattr(_plt, "CompilerParams", None) or getattr(_plt, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def load(ref, *, mask=None, other=None):
+    """Masked load (Triton `tl.load` semantics: masked-off lanes read `other`, never memory)."""
+    if mask is None:
+        return ref[...]
+    if _plt is not None and hasattr(_plt, "load"):
+        return _plt.load(ref, mask=mask, other=other)
+    return pl.load(ref, (), mask=mask, other=other)  # pragma: no cover - older jax
+
+
+def store(ref, val, *, mask=None):
+    """Masked store: lanes where `mask` is False are not written."""
+    if mask is None:
+        ref[...] = val
+        return
+    if _plt is not None and hasattr(_plt, "store"):
+        _plt.store(ref, val, mask=mask)
+        return
+    pl.store(ref, (), val, mask=mask)  # pragma: no cover - older jax
+
+
+def dot_precision(name: str, interpret: bool):
+    """The `precision=` of an fp32 in-kernel dot for `mm`. Interpret mode computes in fp32, except
+    for "bf16x3", whose splitting `mm` does itself (so CPU tests run that arithmetic too)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} for the Pallas kernels, got {name!r}")
+    if name == _SPLIT:
+        return _SPLIT
+    if interpret:
+        return lax.Precision.HIGHEST
+    return {
+        "float32": lax.DotAlgorithmPreset.F32_F32_F32,
+        "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+        "tf32": lax.DotAlgorithmPreset.TF32_TF32_F32,
+    }[name]
+
+
+def _split_bf16(x):
+    """(hi, lo) bf16 with hi + lo = x to ~2^-17 relative; a bf16 x is its own single part."""
+    if x.dtype == jnp.bfloat16:
+        return (x,)
+    x = x.astype(F32)
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
+
+
+def mm(a, b, precision, *, trans_a=False, trans_b=False):
+    """2-D matmul with fp32 accumulation: (a^T if trans_a) @ (b^T if trans_b).
+
+    Two bf16 operands multiply natively (bf16 x bf16 products are exact in fp32). Otherwise
+    `precision` (from `dot_precision`) decides: "bf16x3" sums the bf16 parts (see PRECISIONS),
+    anything else is one fp32 dot at that precision (the Triton dot needs equal element types).
+    """
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+
+    def dot(x, y, prec=None):
+        return lax.dot_general(x, y, dims, precision=prec, preferred_element_type=F32)
+
+    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        return dot(a, b)
+    if precision == _SPLIT:
+        a_parts, b_parts = _split_bf16(a), _split_bf16(b)
+        acc = dot(a_parts[0], b_parts[0])
+        if len(b_parts) > 1:
+            acc = acc + dot(a_parts[0], b_parts[1])
+        if len(a_parts) > 1:
+            acc = acc + dot(a_parts[1], b_parts[0])
+        return acc
+    return dot(a.astype(F32), b.astype(F32), precision)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << (int(n) - 1).bit_length())
+
+
+def pad_axis(x, axis: int, size: int):
+    """Zero-pads axis `axis` of x to `size` (no-op when already that size)."""
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)

@@ -1,0 +1,307 @@
+"""Pallas gated delta rule kernels against the pure-JAX reference.
+
+CPU: the kernels run in Pallas interpret mode (same kernel code, tiny shapes), and their Triton
+lowering is checked at the 27B shapes (lowering needs no GPU). GPU (marker `gpu`): the compiled
+Triton kernels at real head sizes, including T = 1000 and the 27B head counts.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.gated_delta import (
+    chunk_gated_delta_rule_pallas,
+    default_implementation,
+    gated_delta_recurrent,
+    gated_delta_recurrent_pallas,
+    gated_delta_rule,
+    naive_recurrent_gated_delta_rule,
+)
+
+ON_GPU = jax.default_backend() == "gpu"
+_skip_without_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: the Triton kernels only compile there")
+
+
+def gpu(test):
+    """The project's `gpu` marker, and a skip (with the reason) where there is none."""
+    return pytest.mark.gpu(_skip_without_gpu(test))
+
+# fp32 inputs, fp32 arithmetic on both sides (interpret mode computes its dots at HIGHEST; on the
+# GPU tf32x3 keeps fp32-level accuracy): the two differ only by summation order and by the kernel
+# taking decays as exp(gamma_i - gamma_j) of prefix sums rather than segment sums (|gamma| <= ~40
+# within a chunk here, so ~40 * 6e-8 absolute error in an exponent). Measured 1e-7 to 7e-7; 1e-5
+# leaves headroom while any real bug (head mapping, decay off by a token, a mixed-up chunk) gives
+# errors of 1e-2 or more.
+FP32_TOL = 1e-5
+# bf16 inputs, fp32 state, bf16 o: both sides compute in fp32 from the same bf16 inputs and round o
+# once; elements within ~1e-7 of a rounding boundary flip by one bf16 ulp (2^-8 relative). A single
+# bf16 rounding of every element is ~2e-3 norm-wise, so 2e-3 is a bound the kernel can only exceed
+# by computing something else. The state never passes through bf16: fp32 agreement, with the same
+# headroom as FP32_TOL times 100 for the GPU's tensor-core passes (the issue's bound is 1e-3).
+BF16_O_TOL = 2e-3
+BF16_STATE_TOL = 1e-3
+# fp32 inputs through the compiled kernels on a GPU: measured 3e-5 to 6e-5 with tf32x3 on an H200
+# (the token scan alone is ~1e-6 there), i.e. 50x the CPU's fp32 agreement, from the tensor-core
+# passes and Triton's exp; "bf16x3" drops products of ~2^-16 relative (measured 7e-6 on the CPU).
+# 1e-4 keeps a 2x margin and is still 100x below the error of a single misplaced token.
+GPU_FP32_TOL = 1e-4
+# "bf16x3" in interpret mode with fp32 inputs: ~2^-16 = 1.5e-5 relative per product, partly
+# averaging out; measured 7e-6 (o) and 4e-6 (state).
+BF16X3_FP32_TOL = 5e-5
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _l2norm(x):
+    return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+def _inputs(seed, batch, t, hk, hv, kd, vd, *, dtype=jnp.float32, num_states=None):
+    """Fresh random inputs shaped like the model's: l2-normalised q (scaled) and k, log-decays mostly
+    in [-3, 0) with some near 0 (long memory) and a few -20 (state wiped out), beta in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    q = _l2norm(rng.standard_normal((batch, t, hk, kd))) * kd**-0.5
+    k = _l2norm(rng.standard_normal((batch, t, hk, kd)))
+    v = rng.standard_normal((batch, t, hv, vd))
+    g = -np.minimum(np.log1p(np.exp(rng.standard_normal((batch, t, hv)) * 2 - 1)), 3)
+    u = rng.random(g.shape)
+    g = np.where(u < 0.15, -1e-3 * rng.random(g.shape), g)
+    g = np.where(u > 0.98, -20.0, g)
+    beta = 1 / (1 + np.exp(-rng.standard_normal((batch, t, hv))))
+    state = rng.standard_normal((num_states or batch, hv, kd, vd))
+    cast = lambda x, dt=dtype: jnp.asarray(x.astype(np.float32), dt)  # noqa: E731
+    return (cast(q), cast(k), cast(v), cast(g, jnp.float32), cast(beta)), cast(state, jnp.float32)
+
+
+_naive = jax.jit(naive_recurrent_gated_delta_rule)
+
+
+def _check(o, s, o_ref, s_ref, dtype, fp32_tol=FP32_TOL):
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
+    assert s.shape == s_ref.shape and s.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(o, np.float32))) and np.all(np.isfinite(s))
+    o_tol, s_tol = (fp32_tol, fp32_tol) if dtype == jnp.float32 else (BF16_O_TOL, BF16_STATE_TOL)
+    assert _rel(o, o_ref) < o_tol, _rel(o, o_ref)
+    assert _rel(s, s_ref) < s_tol, _rel(s, s_ref)
+
+
+# ---- CPU: interpret mode, tiny shapes ------------------------------------------------------------
+
+# (Hk, Hv, K, V): G = 2 or 3 value heads per key head; V = 24 and K = 8 exercise the zero-padding to
+# Triton's power-of-two sizes.
+SMALL = [(1, 2, 16, 16), (1, 3, 8, 24)]
+
+
+@pytest.mark.parametrize("t, output_all_states", [(1, False), (3, True)])
+@pytest.mark.parametrize("heads", SMALL)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recurrent_interpret_matches_reference(t, output_all_states, heads, dtype):
+    (q, k, v, g, beta), state = _inputs(t + 100, 2, t, *heads, dtype=dtype)
+    o_ref, s_ref = gated_delta_recurrent(q, k, v, g, beta, state, implementation="naive",
+                                         output_all_states=output_all_states)
+    o, s = gated_delta_recurrent(q, k, v, g, beta, state, implementation="pallas_interpret",
+                                 output_all_states=output_all_states, block_v=16)
+    _check(o, s, o_ref, s_ref, dtype)
+
+
+@pytest.mark.parametrize("t, chunk_size, with_state", [(1, 64, True), (63, 64, False), (65, 64, True), (40, 16, True)])
+def test_chunked_interpret_matches_reference(t, chunk_size, with_state):
+    (q, k, v, g, beta), state = _inputs(t, 2, t, 1, 2, 16, 16)
+    state = state if with_state else None
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
+                            chunk_size=chunk_size, block_v=16)
+    _check(o, s, o_ref, s_ref, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_interpret_bf16x3(dtype):
+    # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here.
+    (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
+                            precision="bf16x3", block_v=16)
+    _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
+
+
+def test_chunked_interpret_bf16_padded_dims():
+    (q, k, v, g, beta), state = _inputs(5, 1, 70, 1, 3, 8, 24, dtype=jnp.bfloat16)
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
+                            chunk_size=32, block_v=16)
+    _check(o, s, o_ref, s_ref, jnp.bfloat16)
+
+
+# Packed sequences: an empty one, one shorter than a chunk, one spanning chunks, one ending exactly
+# on a chunk boundary. Each must match the reference run on that sequence alone.
+CU = (0, 0, 7, 47, 63, 80)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_varlen_interpret_matches_per_sequence(traced):
+    (q, k, v, g, beta), state = _inputs(3, 1, CU[-1], 1, 2, 16, 16, num_states=len(CU) - 1)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=np.array(CU),
+                                    implementation="naive")
+    run = lambda cu, *a: gated_delta_rule(*a[:5], initial_state=a[5], cu_seqlens=cu,  # noqa: E731
+                                          implementation="pallas_interpret", chunk_size=16, block_v=16)
+    if traced:
+        o, s = jax.jit(run)(jnp.asarray(CU, jnp.int32), q, k, v, g, beta, state)
+    else:
+        o, s = run(np.array(CU), q, k, v, g, beta, state)
+    _check(o, s, o_ref, s_ref, jnp.float32)
+    # the empty sequence keeps its initial state
+    np.testing.assert_array_equal(np.asarray(s[0]), np.asarray(state[0]))
+
+
+def test_gradients_interpret_match_reference():
+    (q, k, v, g, beta), state = _inputs(13, 1, 40, 1, 2, 16, 16)
+    rng = np.random.default_rng(0)
+    w_o = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+    w_s = jnp.asarray(rng.standard_normal(state.shape), jnp.float32)
+
+    def loss(impl, *xs):
+        o, s = gated_delta_rule(*xs[:5], initial_state=xs[5], implementation=impl, chunk_size=16)
+        return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+    argnums = tuple(range(6))
+    grads_ref = jax.jit(jax.grad(functools.partial(loss, "naive"), argnums))(q, k, v, g, beta, state)
+    grads = jax.jit(jax.grad(functools.partial(loss, "pallas_interpret"), argnums))(q, k, v, g, beta, state)
+    for name, d, d_ref in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, grads_ref):
+        assert np.all(np.isfinite(d)), name
+        # The backward IS the chunked reference's VJP, so only fp32 rounding separates them.
+        assert _rel(d, d_ref) < 1e-4, name
+
+
+def test_gradients_varlen_interpret():
+    (q, k, v, g, beta), state = _inputs(14, 1, 30, 1, 2, 16, 16, num_states=2)
+    cu = np.array([0, 12, 30])
+
+    def loss(impl, q, v):
+        o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu, implementation=impl,
+                                chunk_size=16)
+        return jnp.sum(o * o) + jnp.sum(s)
+
+    for d, d_ref in zip(jax.jit(jax.grad(functools.partial(loss, "pallas_interpret"), (0, 1)))(q, v),
+                        jax.jit(jax.grad(functools.partial(loss, "naive"), (0, 1)))(q, v)):
+        assert _rel(d, d_ref) < 1e-4
+
+
+def test_gradients_traced_offsets_raise():
+    (q, k, v, g, beta), _ = _inputs(15, 1, 20, 1, 2, 16, 16)
+
+    def loss(q, cu):
+        o, _ = gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, implementation="pallas_interpret",
+                                chunk_size=16)
+        return jnp.sum(o)
+
+    with pytest.raises(NotImplementedError, match="traced cu_seqlens"):
+        jax.jit(jax.grad(loss))(q, jnp.asarray([0, 5, 20], jnp.int32))
+
+
+def test_default_implementation():
+    expected = "pallas" if ON_GPU else "chunked"
+    assert default_implementation("bf16x3", 64) == expected
+    assert default_implementation("tf32x3", 64) == "chunked"  # the kernels are slower than XLA there
+    assert default_implementation("bf16x6", 64) == "chunked"  # not offered by the kernels
+    assert default_implementation("bf16x3", 128) == "chunked"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(implementation="pallas_interpret", precision="bf16x6"), r"precision must be one of"),
+        (dict(implementation="pallas_interpret", chunk_size=128), r"chunk_size must be one of \(16, 32, 64\)"),
+        (dict(implementation="chunked", block_v=16), r"settings of the Pallas kernels"),
+        (dict(implementation="pallas_interpret", cu_seqlens=np.array([0, 3, 2, 4])), r"cu_seqlens must rise"),
+    ],
+)
+def test_validation(kwargs, message):
+    (q, k, v, g, beta), _ = _inputs(0, 1, 4, 1, 2, 16, 16)
+    with pytest.raises(ValueError, match=message):
+        gated_delta_rule(q, k, v, g, beta, **kwargs)
+
+
+def _lower_for_cuda(fn, *args):
+    """Runs the Pallas -> Triton lowering for a CUDA target on any machine (no GPU needed)."""
+    from jax import export
+
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    exported = export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*specs)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "float32"])
+def test_kernels_lower_to_triton_at_27b_shapes(precision):
+    # Catches what interpret mode cannot: ops, shapes and dtypes the Triton lowering rejects.
+    bf16 = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
+    args = (bf16(1, 256, 16, 128), bf16(1, 256, 16, 128), bf16(1, 256, 48, 128),
+            jnp.zeros((1, 256, 48), jnp.float32), bf16(1, 256, 48), jnp.zeros((1, 48, 128, 128), jnp.float32))
+    text = _lower_for_cuda(functools.partial(chunk_gated_delta_rule_pallas, precision=precision), *args)
+    assert text.count("__gpu$xla.gpu.triton") == 2
+    step = tuple(a[:, :1] for a in args[:5]) + args[5:]
+    text = _lower_for_cuda(gated_delta_recurrent_pallas, *step)
+    assert text.count("__gpu$xla.gpu.triton") == 1
+
+
+# ---- GPU: the compiled Triton kernels ------------------------------------------------------------
+
+_pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision"))
+
+
+# Each case compiles the two kernels afresh (seconds each), so the grid is sparse: every T, both
+# dtypes and both accurate precisions appear, with and without an initial state.
+@gpu
+@pytest.mark.parametrize("t, dtype, with_state, precision", [
+    (1, jnp.float32, True, "bf16x3"), (63, jnp.bfloat16, True, "bf16x3"), (65, jnp.float32, False, "bf16x3"),
+    (1000, jnp.bfloat16, True, "bf16x3"), (1000, jnp.float32, True, "bf16x3"), (1000, jnp.bfloat16, True, "tf32x3"),
+    (1000, jnp.float32, False, "tf32x3"),
+])
+def test_gpu_chunked_matches_reference(t, dtype, with_state, precision):
+    (q, k, v, g, beta), state = _inputs(t + 7, 2, t, 2, 6, 128, 128, dtype=dtype)
+    state = state if with_state else None
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision=precision)
+    _check(o, s, o_ref, s_ref, dtype, fp32_tol=GPU_FP32_TOL)
+
+
+@gpu
+def test_gpu_chunked_27b_heads():
+    (q, k, v, g, beta), state = _inputs(1, 1, 1000, 16, 48, 128, 128, dtype=jnp.bfloat16)
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision="bf16x3")
+    _check(o, s, o_ref, s_ref, jnp.bfloat16)
+
+
+@gpu
+def test_gpu_varlen():
+    cu = np.array([0, 1, 64, 200, 200, 517])
+    (q, k, v, g, beta), state = _inputs(2, 1, cu[-1], 2, 6, 128, 128, num_states=len(cu) - 1)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu, implementation="naive")
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu, implementation="pallas",
+                            precision="bf16x3")
+    _check(o, s, o_ref, s_ref, jnp.float32, fp32_tol=GPU_FP32_TOL)
+    o, s = jax.jit(lambda cu: gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu,
+                                               implementation="pallas", precision="bf16x3"))(jnp.asarray(cu))
+    _check(o, s, o_ref, s_ref, jnp.float32, fp32_tol=GPU_FP32_TOL)
+
+
+@gpu
+@pytest.mark.parametrize("batch, t, dtype", [(1, 1, jnp.bfloat16), (8, 1, jnp.float32), (2, 4, jnp.bfloat16)])
+def test_gpu_recurrent(batch, t, dtype):
+    (q, k, v, g, beta), state = _inputs(batch * 10 + t, batch, t, 16, 48, 128, 128, dtype=dtype)
+    o_ref, s_ref = gated_delta_recurrent(q, k, v, g, beta, state, implementation="naive", output_all_states=True)
+    o, s = gated_delta_recurrent(q, k, v, g, beta, state, implementation="pallas", output_all_states=True)
+    _check(o, s, o_ref, s_ref, dtype)
+    # Final state only, state donated: the kernel updates it in place.
+    step = jax.jit(functools.partial(gated_delta_recurrent, implementation="pallas"), donate_argnums=5)
+    o, s = step(q, k, v, g, beta, jnp.array(state))
+    _check(o, s, o_ref, s_ref[:, -1], dtype)
