@@ -139,7 +139,10 @@ class _Progress:
 def _checkpointer(directory: Path):
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    # Synchronous saves: the next train step donates the parameter buffers, so a background writer
+    # must never still be reading them.
+    return ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=2, enable_async_checkpointing=False))
 
 
 def _save_state(manager, step: int, params, opt_state) -> None:
@@ -185,9 +188,15 @@ def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | P
     tokens_per_step = tc.batch_size * tc.seq_len
     t_last, step_last = time.perf_counter(), start
     loss = None
+    # XLA:CPU's asynchronous dispatch can hang with several donated steps in flight (seen here at
+    # random steps with load ~0; jax-ml/jax#25861): on the CPU wait for every step (it costs nothing
+    # there), on accelerators let the host run ahead.
+    sync_every_step = jax.default_backend() == "cpu"
     for step in range(start, tc.steps):
         batch = jnp.asarray(batch_for_step(tokens, step, tc))
         params, opt_state, loss = train_step(params, opt_state, batch, cfg=cfg, opt=opt, compute_dtype=tc.compute_dtype)
+        if sync_every_step:
+            jax.block_until_ready(loss)
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             value = float(loss)
             if not math.isfinite(value):

@@ -45,6 +45,10 @@ def parse_anchor_log(path: str) -> dict[int, float]:
     return found
 
 
+def _in_use_gb() -> float:
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0) / 1e9
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[512, 4096])
@@ -53,8 +57,10 @@ def main(argv=None):
     ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
                     help="auto: cudnn's fused kernel when it compiles, else the XLA einsum path")
     ap.add_argument("--gated-delta", default=None, help="delta-rule implementation (default: the library's)")
-    ap.add_argument("--gd-precision", nargs="+", default=["tf32x3"],
-                    help="delta-rule dot arithmetic(s) to time (see RuntimeOptions)")
+    ap.add_argument("--gd-precision", nargs="+", default=[M.RuntimeOptions.gated_delta_precision],
+                    help="delta-rule dot arithmetic(s) to time (see RuntimeOptions; default: the library's)")
+    ap.add_argument("--recipe", default=None,
+                    help="quantize every selected linear first (a quant.PRESETS name, e.g. int4-g128)")
     ap.add_argument("--gd-chunk", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--anchor-log", default=None)
@@ -71,7 +77,18 @@ def main(argv=None):
     jax.block_until_ready(params)
     n_params = Q.count_params(params)
     print(f"{n_params / 1e9:.3f} B parameters initialised in {time.perf_counter() - t0:.1f} s; "
-          f"device memory in use {(jax.devices()[0].memory_stats() or {}).get('bytes_in_use', 0) / 1e9:.1f} GB", flush=True)
+          f"device memory in use {_in_use_gb():.1f} GB", flush=True)
+    bits = None
+    if args.recipe:
+        import quant
+
+        t0 = time.perf_counter()
+        params = quant.quantize_params(params, args.recipe, donate=True)  # frees each bf16 weight as it goes
+        summary = quant.average_bits(params)
+        bits = {"linears": summary.quantized_bits_per_weight, "model": summary.total_bits_per_weight,
+                "gb": summary.total_bytes / 1e9}
+        print(f"quantized with {args.recipe} in {time.perf_counter() - t0:.1f} s: {bits['linears']:.3f} bits/weight "
+              f"on the linears, {bits['gb']:.1f} GB of parameters; device memory in use {_in_use_gb():.1f} GB", flush=True)
 
     anchors = dict(HF_ANCHOR_TOKS)
     if args.anchor_log:
@@ -100,15 +117,16 @@ def main(argv=None):
             toks = args.batch * T / timing["median_s"]
             row = {"T": T, "batch": args.batch, "attention": attn, "ms": timing["median_s"] * 1e3,
                    "gd_precision": gd_precision, "tok_s": toks, "hf_tok_s": anchors.get(T), "vs_hf": toks / anchors[T] if T in anchors else None,
-                   "compile_s": compile_s, "peak_gb": peak_memory_gb(), **timing}
+                   "compile_s": compile_s, "peak_gb": peak_memory_gb(), "in_use_gb": _in_use_gb(), **timing}
             rows.append(row)
             print(row, flush=True)
 
-    print(f"\nQwen3.5-27B text prefill, bf16, random weights, {cfg.text.num_hidden_layers} layers; {device_info()}")
+    print(f"\nQwen3.5-27B text prefill, bf16{', ' + args.recipe if args.recipe else ''}, random weights, {cfg.text.num_hidden_layers} layers; {device_info()}")
     print_table(rows, [("T", "T"), ("batch", "batch"), ("attention", "attention"), ("gd_precision", "delta-rule dots"), ("ms", "ms"),
                        ("tok_s", "tok/s"), ("hf_tok_s", "transformers tok/s"), ("vs_hf", "x transformers"),
                        ("peak_gb", "peak GPU GB"), ("compile_s", "compile s")])
     write_json(args.json, {"benchmark": "forward_prefill", "config": "qwen35_27b_text", "dtype": "bfloat16",
+                           "recipe": args.recipe, "bits": bits,
                            "n_params": n_params, "device": device_info(), "rows": rows})
 
 

@@ -149,3 +149,38 @@ def test_train_config_validation():
         TR.TrainConfig(compute_dtype="float16")
     with pytest.raises(ValueError, match="needs more than"):
         TR.batch_for_step(np.arange(10), 0, TR.TrainConfig(seq_len=32))
+
+
+def test_ablate_cli_writes_tables_and_plot(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from qwen35_jax import cli
+
+    out, _, _ = trained
+    rc = cli.main(["ablate", "--model", str(out), "--recipes", "int8-per-channel,int4-g128", "--seq-len", "64",
+                   "--out", str(tmp_path / "abl")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "| none |" in text and "| int4-g128 |" in text and "plot.png" in text
+    import json
+
+    rows = {r["recipe"]: r for r in json.loads((tmp_path / "abl" / "results.json").read_text())["rows"]}
+    assert rows["none"]["ppl_delta_pct"] == 0.0
+    # int8 per-channel: 8 bits + one fp16 scale per output row over K=128..256 inputs -> 8.06-8.13 bits
+    assert 8.0 < rows["int8-per-channel"]["bits_per_weight"] < 8.2
+    # int4 g128: 4 bits + 16/128 for the fp16 group scale = 4.125
+    assert rows["int4-g128"]["bits_per_weight"] == pytest.approx(4.125, abs=1e-6)
+    assert rows["int4-g128"]["size_mb"] < rows["none"]["size_mb"]
+    assert abs(rows["int8-per-channel"]["ppl_delta_pct"]) < abs(rows["int4-g128"]["ppl_delta_pct"]) + 1e-9
+    assert Image.open(tmp_path / "abl" / "plot.png").size == (900, 560)
+    # bad input: unknown recipe, non-empty output dir, a model dir without a tokenizer
+    assert cli.main(["ablate", "--model", str(out), "--recipes", "int5-g7", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
+    assert cli.main(["ablate", "--model", str(out), "--recipes", "int4-g128", "--out", str(tmp_path / "abl")]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    assert cli.main(["ablate", "--model", str(bare), "--recipes", "int4-g128", "--out", str(tmp_path / "y")]) == 2
+    assert "tokenizer" in capsys.readouterr().err.lower()
