@@ -211,7 +211,7 @@ def main(args) -> int:
     try:
         rows, out = run_ablation(model_dir, args.recipes.split(","), out_dir=args.out, corpus_dir=args.corpus,
                                  split=args.split, seq_len=args.seq_len, stride=args.stride,
-                                 dtype=jnp.dtype(args.dtype))
+                                 dtype=jnp.dtype(args.dtype), decode=False if args.no_decode else None)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -231,6 +231,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's training length (<= 2048)")
     p.add_argument("--stride", type=int, default=None, help="default: seq-len / 2")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--no-decode", action="store_true", help="skip the decode-speed column on a GPU")
     p.add_argument("--out", default=None, help="output directory (default: runs/ablate-MODEL-TIME)")
 
 

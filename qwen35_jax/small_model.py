@@ -32,7 +32,8 @@ def encode_documents(tokenizer, documents) -> np.ndarray:
 
 
 def build_small_model(out_dir: str | Path, *, corpus_dir: str | Path | None = None, preset: str = "cpu-small",
-                      vocab_size: int = 8192, tc: TrainConfig = TrainConfig(), progress: bool = True) -> dict:
+                      vocab_size: int = 8192, tc: TrainConfig = TrainConfig(), progress: bool = True,
+                      max_seconds: float | None = None) -> dict:
     """Train a tokenizer on the train split of ``corpus_dir`` (default: the built-in sample), then the
     model; write both into ``out_dir`` (HF layout). Returns the training log."""
     from qwen35_jax.tokenizer import Tokenizer
@@ -50,7 +51,7 @@ def build_small_model(out_dir: str | Path, *, corpus_dir: str | Path | None = No
     # produced by the tokenizer.
     vocab = -(-tokenizer.vocab_size // 64) * 64
     cfg = ModelConfig(text=MODEL_PRESETS[preset](vocab), vision=None, architecture=CAUSAL_LM)
-    log = train(cfg, tokens, out_dir, tc, progress=progress, tokenizer_dir=tok_dir)
+    log = train(cfg, tokens, out_dir, tc, progress=progress, tokenizer_dir=tok_dir, max_seconds=max_seconds)
     log.update(corpus=str(source), preset=preset, train_tokens=int(tokens.size))
     return log
 

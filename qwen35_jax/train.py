@@ -162,12 +162,14 @@ def _restore_state(manager, step: int, params, opt_state):
 
 
 def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | Path, tc: TrainConfig = TrainConfig(),
-          *, resume: bool = True, progress: bool = True, tokenizer_dir: str | Path | None = None) -> dict[str, Any]:
+          *, resume: bool = True, progress: bool = True, tokenizer_dir: str | Path | None = None,
+          max_seconds: float | None = None) -> dict[str, Any]:
     """Train ``cfg`` on a token stream; save the HF-layout model into ``out_dir``; returns the log.
 
     Checkpoints go to ``out_dir/checkpoints`` every ``tc.checkpoint_every`` steps; with ``resume`` a
     later call continues from the newest one (same data order, so the result equals an uninterrupted
-    run up to floating-point reassociation)."""
+    run up to floating-point reassociation). ``max_seconds`` stops early (the log records the step)
+    and saves the model as it is then: for runs on a time-limited machine."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         raise FileExistsError(f"{out_dir} already holds a finished model (config.json); refusing to overwrite it")
@@ -188,6 +190,8 @@ def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | P
     tokens_per_step = tc.batch_size * tc.seq_len
     t_last, step_last = time.perf_counter(), start
     loss = None
+    stopped_at = None
+    t_start = time.perf_counter()
     # XLA:CPU's asynchronous dispatch can hang with several donated steps in flight (seen here at
     # random steps with load ~0; jax-ml/jax#25861): on the CPU wait for every step (it costs nothing
     # there), on accelerators let the host run ahead.
@@ -207,6 +211,9 @@ def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | P
             t_last, step_last = now, step + 1
         if (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
             _save_state(manager, step + 1, params, opt_state)
+        if max_seconds is not None and step + 1 < tc.steps and time.perf_counter() - t_start > max_seconds:
+            stopped_at = step + 1
+            break
     bar.close()
     manager.close()
     checkpoint.save_params(out_dir, cfg, params)
@@ -215,7 +222,8 @@ def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | P
             src = Path(tokenizer_dir) / name
             if src.exists():
                 (out_dir / name).write_bytes(src.read_bytes())
-    log = {"train_config": dataclasses.asdict(tc), "losses": losses, "resumed_from": start,
+    log = {"train_config": dataclasses.asdict(tc), "losses": losses, "resumed_from": start, "stopped_at": stopped_at,
+           "train_seconds": time.perf_counter() - t_start,
            "non_embedding_params": M.count_params(params) - 2 * cfg.text.vocab_size * cfg.text.hidden_size}
     (out_dir / "train_log.json").write_text(json.dumps(log, indent=1))
     return log

@@ -32,12 +32,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 master weights)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (saves the model)")
     ap.add_argument("--eval-seq-len", type=int, default=None, help="default: --seq-len")
     args = ap.parse_args(argv)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, learning_rate=args.lr,
                      seed=args.seed, compute_dtype="bfloat16" if args.bf16 else "float32")
     t0 = time.perf_counter()
-    log = build_small_model(args.out, corpus_dir=args.corpus, preset=args.preset, vocab_size=args.vocab, tc=tc)
+    log = build_small_model(args.out, corpus_dir=args.corpus, preset=args.preset, vocab_size=args.vocab, tc=tc,
+                             max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     train_s = time.perf_counter() - t0
 
     from qwen35_jax import checkpoint, evaluation
@@ -50,7 +52,7 @@ def main(argv=None):
     seq = args.eval_seq_len or args.seq_len
     result = evaluation.perplexity(cfg, params, val, seq_len=seq, stride=seq // 2)
     summary = {"out": str(args.out), "train_seconds": round(train_s, 1), "final_loss": log["losses"][-1][1],
-               "non_embedding_params": log["non_embedding_params"], "train_tokens": log["train_tokens"],
+               "steps": log["stopped_at"] or args.steps, "non_embedding_params": log["non_embedding_params"], "train_tokens": log["train_tokens"],
                "validation_ppl": result.ppl, "validation_tokens": result.num_tokens}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -12,11 +12,14 @@ from it by the format readers/writers in ``quant/formats``):
   contiguous ``[R, bn]`` row blocks of the weight (one per shift) and multiplies each by a
   contiguous slice of ``x``; no in-register interleaving is needed (the trick of Marlin-style
   kernels, here done with slabs instead of a permutation inside a tile).
-* ``S`` is a multiple of ``lcm(group_size, 16)`` (16 is the smallest tensor-core dot depth), so a
-  slab never splits a quantization group and every row block of a kernel lies in one group.
-  Rows ``k >= K`` are padding: code 0 and scale 0 (so they dequantize to exactly 0).
-* Scales and zero points: ``[Kp // group_size, N]``; per-channel quantization is ``group_size ==
-  K`` and pads to ``Kp`` (one group: ``[1, N]``).
+* ``S`` is a multiple of 16 (the smallest tensor-core dot depth) and either a multiple or a divisor
+  of the group size, so no quantization group straddles a slab boundary and every row block of a
+  kernel (``R`` rows, a power of 2 dividing both) lies in one group. Among such ``S`` the smallest
+  ``>= ceil(K / p)`` is taken: a small ``K`` (e.g. 512 at 4 bits, g128: ``S = 64``) is not padded up
+  to a whole group per slab. Rows ``k >= K`` are padding: code 0 and scale 0 (they dequantize to 0);
+  when ``S`` divides the group size, ``K`` is a multiple of ``S`` and padding is whole slabs.
+* Scales and zero points: ``[ceil(Kp / group_size), N]``; per-channel quantization is
+  ``group_size == K`` (one group: ``[1, N]``).
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ def slab_rows(in_features: int, bits: int, group_size: int) -> int:
         raise ValueError(
             f"group_size {group_size} does not divide the input dim {in_features}"
         )
-    # Per-channel (one group over all of K) only needs the dot-depth alignment.
-    align = MIN_DOT_DEPTH if group_size == in_features else math.lcm(group_size, MIN_DOT_DEPTH)
-    return -(-(-(-in_features // p)) // align) * align
+    need = -(-in_features // p)
+    if group_size == in_features:  # per-channel: one group over all of K, only the dot-depth alignment
+        return -(-need // MIN_DOT_DEPTH) * MIN_DOT_DEPTH
+    # Slabs no larger than a group: the smallest multiple of 16 dividing the group size that holds K.
+    for s in range(MIN_DOT_DEPTH, group_size + 1, MIN_DOT_DEPTH):
+        if s >= need and group_size % s == 0:
+            return s
+    align = math.lcm(group_size, MIN_DOT_DEPTH)  # else whole groups per slab
+    return -(-need // align) * align
 
 
 def padded_in_features(in_features: int, bits: int, group_size: int) -> int:
@@ -56,10 +65,10 @@ def padded_in_features(in_features: int, bits: int, group_size: int) -> int:
 
 
 def num_groups(in_features: int, bits: int, group_size: int) -> int:
-    """Rows of the scale/zero arrays: ``Kp // group_size`` (1 for per-channel)."""
+    """Rows of the scale/zero arrays: ``ceil(Kp / group_size)`` (1 for per-channel)."""
     if group_size == in_features:
         return 1
-    return padded_in_features(in_features, bits, group_size) // group_size
+    return -(-padded_in_features(in_features, bits, group_size) // group_size)
 
 
 def pack(codes, bits: int, group_size: int):

@@ -107,9 +107,10 @@ def test_pytree_jit_and_static_validation():
 
 
 def test_average_bits_by_hand():
-    """4-bit g32 sym on [N=8, K=64] with float32 scales: S = ceil(ceil(64/8) / lcm(32, 16)) * 32 = 32
-    word rows (Kp = 256, mostly padding at this tiny K), G = 256/32 = 8 groups.
-    codes 32*8*32 = 8192 bits, scales 8*8*32 = 2048 bits -> 10240 bits / 512 weights = 20 bits/weight.
+    """4-bit g32 sym on [N=8, K=64] with float32 scales: ceil(64/8) = 8 rows needed; the smallest
+    multiple of 16 dividing the group size 32 is S = 16 word rows (Kp = 128, half padding at this tiny
+    K), G = ceil(128/32) = 4 groups. codes 16*8*32 = 4096 bits, scales 4*8*32 = 1024 bits -> 5120 bits
+    / 512 weights = 10 bits/weight.
     8-bit per-channel asym with act-order on [N=4, K=40] in float16 scales: S = ceil(10/16)*16 = 16,
     codes 16*4*32 = 2048, scales 1*4*16 = 64, zeros 1*4*8 = 32, perm 40*32 = 1280 -> 3424 bits / 160.
     Plus a float32 [10] vector and a bf16 [3, 4] matrix."""
@@ -117,10 +118,10 @@ def test_average_bits_by_hand():
     a = quant.rtn_quantize(jnp.asarray(rng.standard_normal((8, 64)), jnp.float32), bits=4, group_size=32)
     b = quant.rtn_quantize(jnp.asarray(rng.standard_normal((4, 40)), jnp.float32), bits=8, group_size=None,
                            sym=False, scale_dtype="float16", perm=rng.permutation(40))
-    assert a.storage_bits() == 10240 and b.storage_bits() == 3424
+    assert a.storage_bits() == 5120 and b.storage_bits() == 3424
     tree = {"a": a, "x": {"b": b, "v": jnp.zeros(10, jnp.float32), "m": jnp.zeros((3, 4), jnp.bfloat16)}}
     s = quant.average_bits(tree)
-    assert (s.quantized_params, s.quantized_bits) == (512 + 160, 10240 + 3424)
-    assert s.quantized_bits_per_weight == pytest.approx(13664 / 672)
-    assert (s.total_params, s.total_bits) == (672 + 10 + 12, 13664 + 320 + 192)
-    assert s.total_bits_per_weight == pytest.approx(14176 / 694)
+    assert (s.quantized_params, s.quantized_bits) == (512 + 160, 5120 + 3424)
+    assert s.quantized_bits_per_weight == pytest.approx(8544 / 672)
+    assert (s.total_params, s.total_bits) == (672 + 10 + 12, 8544 + 320 + 192)
+    assert s.total_bits_per_weight == pytest.approx(9056 / 694)

@@ -103,7 +103,7 @@ INTERPRET_CASES = [
     (130, 160, 200, 4, "pc", False, jnp.bfloat16, Config("gemm", 64, 64, 32)),
     (130, 384, 40, 4, 128, True, jnp.float16, Config("gemm", 32, 32, 32)),
     (3, 160, 40, 2, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 32, 16)),
-    (17, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemm", 32, 32, 32)),
+    (17, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemm", 32, 32, 16)),
 ]
 
 
