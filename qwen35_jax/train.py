@@ -192,15 +192,9 @@ def train(cfg: ModelConfig, tokens: Sequence[int] | np.ndarray, out_dir: str | P
     loss = None
     stopped_at = None
     t_start = time.perf_counter()
-    # XLA:CPU's asynchronous dispatch can hang with several donated steps in flight (seen here at
-    # random steps with load ~0; jax-ml/jax#25861): on the CPU wait for every step (it costs nothing
-    # there), on accelerators let the host run ahead.
-    sync_every_step = jax.default_backend() == "cpu"
     for step in range(start, tc.steps):
         batch = jnp.asarray(batch_for_step(tokens, step, tc))
         params, opt_state, loss = train_step(params, opt_state, batch, cfg=cfg, opt=opt, compute_dtype=tc.compute_dtype)
-        if sync_every_step:
-            jax.block_until_ready(loss)
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
             value = float(loss)
             if not math.isfinite(value):

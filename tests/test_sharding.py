@@ -87,3 +87,20 @@ def test_sharded_greedy_generation_matches(setup):
     sharded = sharding.shard_params(params, cfg, mesh)
     out = generation.generate(cfg, sharded, prompts, max_new_tokens=6, sampling="greedy")
     assert out.tokens == ref.tokens
+
+
+@pytest.mark.parametrize("recipe", ["int8-per-channel", "int4-g32"])
+def test_sharded_quantized_forward_matches_unsharded(setup, recipe):
+    import quant
+
+    cfg, params, ids, mask = setup
+    qparams = quant.quantize_params(params, recipe)
+    ref = api.forward(cfg, qparams, ids, mask)
+    mesh = sharding.make_mesh(data=2, model=4)
+    sharded = sharding.shard_params(qparams, cfg, mesh)
+    up = M.flatten(sharded)["language_model.layers.0.mlp.up_proj.weight"]
+    # packed words [S, N] and scales [G, N] split along N like the float weight's output dim
+    assert up.packed.sharding.spec == P(None, "model") and up.scales.sharding.spec == P(None, "model")
+    x_sh = sharding.batch_sharding(mesh)
+    out = api.forward(cfg, sharded, jax.device_put(ids, x_sh), jax.device_put(mask, x_sh))
+    assert _rel(out, ref) < RTOL  # same reasoning as the float case: only the reduction order changes

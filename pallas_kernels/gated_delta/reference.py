@@ -230,14 +230,18 @@ def chunk_gated_delta_rule(
       out_dtype: dtype of o; defaults to v.dtype.
       solve: "triangular_solve" (lax.linalg.triangular_solve) or "blocked" (explicit inverse from
         16x16 forward substitution and block merging, matmuls only); None picks the faster one for
-        the backend (blocked on GPU: 3.6 vs 4.5 ms at T=4096 on an H100; triangular_solve on CPU).
+        the chunk size (blocked when it is a multiple of 16: 3.6 vs 4.5 ms at T=4096 on an H100, and
+        no LAPACK trsm on CPU, which can deadlock jaxlib's intra-op pool on small machines).
       precision: dot arithmetic on GPU, a key of DOT_PRECISIONS.
 
     Returns:
       (o [B, T, Hv, V], final_state [B, Hv, K, V] float32).
     """
     if solve is None:
-        solve = "blocked" if jax.default_backend() == "gpu" and chunk_size % _SOLVE_BLOCK == 0 else "triangular_solve"
+        # Blocked everywhere it applies: faster on GPU, and on CPU it avoids jaxlib's LAPACK trsm FFI,
+        # whose ParallelBatchMap waits on the same intra-op pool it runs in: with two solves in flight
+        # on a 2-core machine both pool threads block and the step never finishes (seen in training).
+        solve = "blocked" if chunk_size % _SOLVE_BLOCK == 0 else "triangular_solve"
     if solve not in SOLVE_METHODS:
         raise ValueError(f"solve must be one of {SOLVE_METHODS}, got {solve!r}")
     prec = _dot_precision(precision)
