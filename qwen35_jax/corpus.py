@@ -1,8 +1,9 @@
 """Text corpora: the built-in sample, the full Python documentation corpus, deterministic splits.
 
 The corpus is English technical prose: the reStructuredText sources of the Python 3.11 documentation
-(Debian's ``python3.11-doc``, about 12 MB). The package ships the tutorial (17 files, 288 KB) as a
-sample, so tests and the default ablation model never need the network. ``fetch_python_docs`` gets the
+(Debian's ``python3.11-doc``, about 12 MB). The package ships three parts of it (tutorial, FAQ, howto:
+46 files, 1.2 MB, 298 KB as ``.tar.xz``) as a sample, unpacked on first use into the cache directory,
+so tests and the default ablation model never need the network. ``fetch_python_docs`` gets the
 full corpus with ``apt-get download`` where Debian's archive is reachable.
 
 Splits are by *file* (a document never straddles two splits) and depend only on the files' relative
@@ -14,14 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
 DOC_SUFFIX = ".rst.txt"
-SAMPLE_DIR = Path(__file__).parent / "data" / "python_docs_tutorial"
+SAMPLE_ARCHIVE = Path(__file__).parent / "data" / "python_docs_sample.tar.xz"
+SAMPLE_VERSION = "python_docs_sample-v2"
 PYDOC_PACKAGE = "python3.11-doc"
 PYDOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
 
@@ -30,9 +34,32 @@ class CorpusError(ValueError):
     """A corpus directory or split that cannot be used."""
 
 
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/qwen35_jax`` (default ``~/.cache/qwen35_jax``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen35_jax"
+
+
 def sample_dir() -> Path:
-    """The built-in sample corpus (Python tutorial sources)."""
-    return SAMPLE_DIR
+    """The built-in sample corpus (Python tutorial, FAQ and howto sources), unpacked on first use."""
+    target = cache_dir() / SAMPLE_VERSION
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=SAMPLE_VERSION + ".", dir=target.parent))
+    with tarfile.open(SAMPLE_ARCHIVE, "r:xz") as tar:
+        for member in tar.getmembers():  # our own archive, but refuse anything outside the target
+            if not (member.isfile() or member.isdir()) or member.name.startswith(("/", "..")) or ".." in Path(member.name).parts:
+                raise CorpusError(f"{SAMPLE_ARCHIVE}: unexpected member {member.name!r}")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: the safe extraction filter
+            tar.extractall(tmp, filter="data")
+        else:
+            tar.extractall(tmp)
+    try:
+        os.replace(tmp, target)  # atomic: a concurrent first use sees all files or none
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def list_documents(source: str | Path) -> list[Path]:

@@ -17,7 +17,7 @@ from qwen35_jax import bpe, corpus
 from qwen35_jax.config import CAUSAL_LM, ModelConfig
 from qwen35_jax.train import MODEL_PRESETS, TrainConfig, train
 
-DEFAULT_MODEL_VERSION = "cpu-small-v1"  # bump when the recipe of the default model changes
+DEFAULT_MODEL_VERSION = "cpu-small-v2"  # bump when the recipe of the default model changes
 
 
 def encode_documents(tokenizer, documents) -> np.ndarray:
@@ -57,8 +57,7 @@ def build_small_model(out_dir: str | Path, *, corpus_dir: str | Path | None = No
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qwen35_jax"
+    return corpus.cache_dir()
 
 
 def default_model(progress: bool = True) -> Path:

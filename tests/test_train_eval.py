@@ -32,10 +32,10 @@ TINY_TC = TR.TrainConfig(steps=6, batch_size=2, seq_len=32, checkpoint_every=3, 
 
 def test_corpus_splits_are_deterministic_by_file(tmp_path):
     splits = corpus.split_documents(corpus.sample_dir())
-    assert [len(splits[s]) for s in corpus.SPLITS] == [15, 1, 1]
+    assert [len(splits[s]) for s in corpus.SPLITS] == [40, 3, 3]
     assert splits == corpus.split_documents(corpus.sample_dir())
     all_files = sum(splits.values(), [])
-    assert len(set(all_files)) == len(all_files) == 17  # no document in two splits
+    assert len(set(all_files)) == len(all_files) == 46  # no document in two splits
     paths = corpus.write_splits(corpus.sample_dir(), tmp_path / "c")
     assert paths["validation"].read_text(encoding="utf-8") == "\n\n".join(corpus.read_split(corpus.sample_dir(), "validation"))
     with pytest.raises(corpus.CorpusError, match="refusing to overwrite"):
