@@ -191,10 +191,10 @@ def plot(rows: Sequence[Row], path: Path, title: str = "") -> None:
         d.line([L - 5, sy(yv), L, sy(yv)], fill="black")
         d.text((8, sy(yv) - 6), f"{yv:+.2f}%", fill="black")
     d.line([L, sy(0.0), W - R, sy(0.0)], fill=(160, 160, 160))  # the baseline
-    for x, y, name in pts:
+    for i, (x, y, name) in enumerate(sorted(pts)):
         cx, cy = sx(x), sy(y)
         d.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=(31, 119, 180))
-        d.text((cx + 8, cy - 6), name, fill="black")
+        d.text((cx + 8, cy - 18 if i % 2 else cy + 4), name, fill="black")  # alternate: neighbours overlap
     d.text((L, 18), title, fill="black")
     d.text(((W - L) // 2, H - 25), "bits per weight (quantized linears, incl. scales)", fill="black")
     d.text((8, T - 20), "ppl change vs unquantized", fill="black")
