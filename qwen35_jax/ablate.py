@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen35_jax import checkpoint, corpus, evaluation
-from qwen35_jax.small_model import encode_documents
+from qwen35_jax.small_model import encode_documents, matching_tokenizer
 
 BASELINE = "none"  # the unquantized model, always evaluated first
 DEFAULT_RECIPES = (BASELINE, "int8-per-channel", "int8-g32-text", "int8-attn-int4-rest-g128", "int4-g32",
@@ -88,12 +88,11 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
                  stride: int | None = None, batch_size: int = 8, dtype=jnp.float32, decode: bool | None = None,
                  log=print) -> tuple[list[Row], Path]:
     import quant
-    from qwen35_jax.tokenizer import Tokenizer
 
     model_dir = Path(model_dir)
     recipes = validate_recipes(recipes)
     cfg, params = checkpoint.load_checkpoint(model_dir, jnp.dtype(dtype))
-    tok = Tokenizer.from_checkpoint(model_dir)  # raises TokenizerNotFoundError naming the directory
+    tok = matching_tokenizer(model_dir, cfg.text.vocab_size)
     ids = encode_documents(tok, corpus.read_split(corpus_dir or corpus.sample_dir(), split))
     if seq_len is None:  # evaluate at the context the model was trained with, if it says
         log_path = model_dir / "train_log.json"

@@ -31,6 +31,20 @@ def encode_documents(tokenizer, documents) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
+def matching_tokenizer(model_dir, vocab_size: int):
+    """The tokenizer of ``model_dir``, refusing one whose ids do not fit the model's vocabulary (e.g.
+    the packaged Qwen vocabulary that ``Tokenizer.from_checkpoint`` falls back to when a small model's
+    directory has no ``tokenizer.json``)."""
+    from qwen35_jax.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer.from_checkpoint(model_dir)
+    if tok.vocab_size > vocab_size:
+        raise TokenizerError(
+            f"{model_dir}: no tokenizer matching the model: the one found ({tok.source}) has "
+            f"{tok.vocab_size:,} tokens but the model's vocabulary is {vocab_size:,} (is tokenizer.json missing?)")
+    return tok
+
+
 def build_small_model(out_dir: str | Path, *, corpus_dir: str | Path | None = None, preset: str = "cpu-small",
                       vocab_size: int = 8192, tc: TrainConfig = TrainConfig(), progress: bool = True,
                       max_seconds: float | None = None) -> dict:

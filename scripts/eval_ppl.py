@@ -29,11 +29,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from qwen35_jax import checkpoint, corpus, evaluation
-    from qwen35_jax.small_model import encode_documents
-    from qwen35_jax.tokenizer import Tokenizer
+    from qwen35_jax.small_model import encode_documents, matching_tokenizer
 
     cfg, params = checkpoint.load_checkpoint(args.model, jnp.dtype(args.dtype))
-    tok = Tokenizer.from_checkpoint(args.model)
+    tok = matching_tokenizer(args.model, cfg.text.vocab_size)
     if args.text is not None:
         if not args.text.is_file():
             sys.exit(f"error: {args.text}: no such file")
