@@ -50,6 +50,9 @@ class QuantizedWeight:
       bits, group_size (``== in_features`` for per-channel), in_features, out_features,
       method (the quantizer that produced it, e.g. ``"rtn"``), orig_dtype (name of the float
       weight's dtype; ``dequantize`` returns it).
+    Optional low-rank adapter (EoRA, ``quant/eora.py``; None when absent):
+      lora_a: ``[r, K]`` and lora_b: ``[N, r]``, so the weight is ``W_q + lora_b @ lora_a`` and
+      ``apply_linear`` adds ``(x @ lora_a.T) @ lora_b.T`` (PEFT/GPTQModel ``lora_A``/``lora_B``).
 
     Build leaves with :meth:`from_codes` (it pads, packs and validates shapes); the raw
     constructor only checks the static fields, because JAX rebuilds leaves with placeholder
@@ -66,6 +69,8 @@ class QuantizedWeight:
     out_features: int = _static()
     method: str = _static(default="rtn")
     orig_dtype: str = _static(default="float32")
+    lora_a: Any = None
+    lora_b: Any = None
 
     def __post_init__(self):
         for name in ("bits", "group_size", "in_features", "out_features"):
@@ -104,6 +109,16 @@ class QuantizedWeight:
         return self.out_features * self.in_features
 
     @property
+    def lora_rank(self) -> int:
+        """Rank of the attached low-rank adapter (0 without one)."""
+        return 0 if self.lora_a is None else int(self.lora_a.shape[0])
+
+    def with_lora(self, lora_a, lora_b) -> "QuantizedWeight":
+        """This leaf with a low-rank adapter ``lora_a [r, K]``, ``lora_b [N, r]`` attached (or
+        replaced; pass None, None to drop it)."""
+        return dataclasses.replace(self, lora_a=lora_a, lora_b=lora_b).validate()
+
+    @property
     def per_channel(self) -> bool:
         return self.group_size == self.in_features
 
@@ -117,6 +132,8 @@ class QuantizedWeight:
 
     def __repr__(self) -> str:
         extra = ("asym" if self.zeros is not None else "sym") + (", act-order" if self.perm is not None else "")
+        if self.lora_a is not None:
+            extra += f", lora r{self.lora_rank}"
         g = "per-channel" if self.per_channel else f"g{self.group_size}"
         scale_dtype = getattr(self.scales, "dtype", "?")
         return (f"QuantizedWeight({self.method}, int{self.bits} {g} {extra}, shape={self.shape}, "
@@ -178,6 +195,12 @@ class QuantizedWeight:
             check("zeros", self.zeros, (g, n), ("uint8",))
         if self.perm is not None:
             check("perm", self.perm, (k,), ("int32",))
+        if (self.lora_a is None) != (self.lora_b is None):
+            raise ValueError(f"{where}: lora_a and lora_b must be both set or both None")
+        if self.lora_a is not None:
+            r = self.lora_a.shape[0] if self.lora_a.ndim == 2 else -1
+            check("lora_a", self.lora_a, (r, k), SCALE_DTYPES)
+            check("lora_b", self.lora_b, (n, r), SCALE_DTYPES)
         return self
 
     # ------------------------------------------------------------------ math
@@ -200,7 +223,11 @@ class QuantizedWeight:
         if self.perm is not None:
             # stored row j is input feature perm[j]: scatter it back to row perm[j]
             w_kn = jnp.zeros_like(w_kn).at[self.perm].set(w_kn, unique_indices=True)
-        return w_kn.T.astype(self.dtype)
+        w = w_kn.T
+        if self.lora_a is not None:
+            w = w + jnp.dot(self.lora_b.astype(jnp.float32), self.lora_a.astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        return w.astype(self.dtype)
 
     def apply_linear(self, x: jax.Array, *, implementation: str | None = None) -> jax.Array:
         """``x @ W.T`` for x ``[..., K]`` -> ``[..., N]`` in ``x.dtype`` (the kernel accumulates in
@@ -215,14 +242,22 @@ class QuantizedWeight:
             x2 = jnp.take(x2, self.perm, axis=1)
         y = quant_matmul(x2, self.packed, self.scales, self.zeros, bits=self.bits, group_size=self.group_size,
                          in_features=self.in_features, implementation=implementation)
+        if self.lora_a is not None:  # the low-rank adapter on the un-permuted input, f32 accumulation
+            x_in = x.reshape(-1, self.in_features)
+            hi = jax.lax.Precision.HIGHEST
+            xa = jnp.dot(x_in, self.lora_a.astype(x_in.dtype).T, precision=hi, preferred_element_type=jnp.float32)
+            y = (y.astype(jnp.float32) + jnp.dot(xa, self.lora_b.astype(jnp.float32).T, precision=hi,
+                                                 preferred_element_type=jnp.float32)).astype(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     # ------------------------------------------------------------------ size accounting
 
     def storage_bits(self) -> int:
-        """Bits held by the children: packed words (with padding), scales, zeros and perm."""
+        """Bits held by the children: packed words (with padding), scales, zeros, perm and the
+        low-rank adapter."""
         return sum(int(math.prod(a.shape)) * jnp.dtype(a.dtype).itemsize * 8
-                   for a in (self.packed, self.scales, self.zeros, self.perm) if a is not None)
+                   for a in (self.packed, self.scales, self.zeros, self.perm, self.lora_a, self.lora_b)
+                   if a is not None)
 
 
 jax.tree_util.register_dataclass(QuantizedWeight)

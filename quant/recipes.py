@@ -101,6 +101,65 @@ register_method(Method(
 ))
 
 
+GPTQ_DEFAULTS = dict(bits=4, group_size=128, sym=True, act_order=False, act_group_aware=False, static_groups=False,
+                     damp_percent=0.01, damp_increment=0.01, block_size=128, scale_dtype="float16", clip="minmax",
+                     norm=2.4, grid=100, maxshrink=0.8, eora_rank=0, eora_dtype=None)
+
+
+def _check_gptq(settings: Mapping[str, Any], shape: tuple[int, ...]) -> str | None:
+    msg = _check_rtn(settings, shape)
+    if msg is not None:
+        return msg
+    for key in ("act_order", "act_group_aware", "static_groups"):
+        if not isinstance(settings[key], bool):
+            return f"{key} must be a bool, got {settings[key]!r}"
+    if settings["act_order"] and settings["act_group_aware"]:
+        return "act_order (desc_act) and act_group_aware are mutually exclusive"
+    if not 0.0 < float(settings["damp_percent"]) < 1.0:
+        return f"damp_percent must be in (0, 1), got {settings['damp_percent']!r}"
+    r = settings["eora_rank"]
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        return f"eora_rank must be an int >= 0, got {r!r}"
+    if r > min(shape):
+        return f"eora_rank {r} exceeds min(N, K) = {min(shape)} of the weight (shape {list(shape)})"
+    return None
+
+
+def _gptq(w, *, name, calibration, **settings):
+    """Per-leaf GPTQ: ``calibration`` maps parameter paths to Hessians (a
+    :class:`quant.gptq.HessianAccumulator`, or ``(H [K, K], n_samples)``). Token ids need the model:
+    use :func:`quant.calibration.gptq_quantize_model`."""
+    from quant.gptq import HessianAccumulator, gptq_quantize
+
+    if not isinstance(calibration, Mapping):
+        raise TypeError(f"{name}: GPTQ through quantize_params needs calibration={{path: Hessian}}; to calibrate "
+                        f"from token ids run quant.gptq_quantize_model(cfg, params, recipe, token_ids)")
+    if name not in calibration:
+        raise KeyError(f"{name}: no Hessian for this parameter in calibration")
+    h = calibration[name]
+    if isinstance(h, HessianAccumulator):
+        h, n = h.hessian, h.n
+    else:
+        h, n = h
+    return gptq_leaf(w, h, n, name=name, **settings)
+
+
+def gptq_leaf(w, h, n_samples, *, name, eora_rank=0, eora_dtype=None, **settings):
+    """GPTQ of one weight from its Hessian H [K, K] over n_samples, then (eora_rank > 0) an EoRA
+    adapter of that rank computed with the same H as the activation covariance."""
+    from quant.eora import eora
+    from quant.gptq import gptq_quantize
+
+    leaf = gptq_quantize(w, h, n_samples=n_samples, name=name, **settings)
+    if eora_rank:
+        leaf = eora(w, leaf, h, int(eora_rank), lora_dtype=eora_dtype)
+    return leaf
+
+
+register_method(Method(name="gptq", quantize=_gptq, check=_check_gptq, defaults=GPTQ_DEFAULTS,
+                       needs_calibration=True))
+
+
 # --------------------------------------------------------------------------------------------------
 # Rules and recipes
 # --------------------------------------------------------------------------------------------------
@@ -305,14 +364,30 @@ PRESETS: dict[str, Recipe] = {
     "int3-g128": _uniform("int3-g128", 3, 128),
 }
 
+# Calibrated presets (quant.gptq_quantize_model(cfg, params, name, token_ids)); apart from PRESETS,
+# whose recipes apply without data. get_recipe finds both.
+CALIBRATED_PRESETS: dict[str, Recipe] = {
+    "gptq-int4-g128": Recipe([Rule(TEXT_LINEARS, "gptq", bits=4, group_size=128, sym=True)], name="gptq-int4-g128"),
+    # Qwen3.6-27B-GPTQ-8bit: all text linears INT8 g32 sym, act_group_aware (GPTQModel >= 5 default,
+    # damp 0.05), in_proj_a/b kept 16-bit (TEXT_LINEARS excludes them)
+    "gptq-int8-g32-text": Recipe([Rule(TEXT_LINEARS, "gptq", bits=8, group_size=32, sym=True, act_group_aware=True,
+                                       damp_percent=0.05)], name="gptq-int8-g32-text"),
+    # Qwen3.5-27B-TevunahAi-GPTQ: attention INT8, DeltaNet and MLP INT4, g128, desc_act, sym, EoRA rank 64
+    "gptq-int8-attn-int4-rest-g128-eora64": Recipe([
+        Rule(_LAYER + _ATTN + r"\.weight", "gptq", bits=8, group_size=128, sym=True, act_order=True, eora_rank=64),
+        Rule(_LAYER + f"({_DELTANET}|{_MLP})" + r"\.weight", "gptq", bits=4, group_size=128, sym=True, act_order=True,
+             eora_rank=64),
+    ], name="gptq-int8-attn-int4-rest-g128-eora64"),
+}
+
 
 def get_recipe(recipe: Recipe | str, *, method: str | None = None, **settings: Any) -> Recipe:
     """A recipe, or a preset by name; ``method``/``settings`` override every rule that quantizes
     (e.g. ``get_recipe("int4-g128", clip="mse")``)."""
     if isinstance(recipe, str):
-        if recipe not in PRESETS:
-            raise RecipeError(f"unknown preset {recipe!r}; presets: {sorted(PRESETS)}")
-        recipe = PRESETS[recipe]
+        if recipe not in PRESETS and recipe not in CALIBRATED_PRESETS:
+            raise RecipeError(f"unknown preset {recipe!r}; presets: {sorted(PRESETS) + sorted(CALIBRATED_PRESETS)}")
+        recipe = PRESETS.get(recipe) or CALIBRATED_PRESETS[recipe]
     if not isinstance(recipe, Recipe):
         raise RecipeError(f"expected a Recipe or a preset name, got {type(recipe).__name__}")
     if method is None and not settings:

@@ -1,0 +1,247 @@
+"""GPTQ, EoRA and calibration capture: error against RTN on correlated inputs, EoRA's rank trend,
+equivalences (H = I gives RTN; blocked = an unblocked numpy loop), determinism, bad inputs, and a
+tiny model quantized end to end from calibration tokens."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwen35_jax as Q
+import quant
+from quant import Recipe, RecipeError, Rule
+from quant.gptq import GPTQWarning, gptq_quantize, hessian, output_error
+from quant.eora import eora
+from quant.rtn import rtn_quantize
+from pallas_kernels.quant_matmul import layout
+
+N, K, T = 96, 128, 512
+B = 64  # lazy-batch block size of the tests: two blocks over K, and shared compilations
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Correlated inputs x = z @ M (M random with column scales spread over e^{+-2}), so H is
+    ill-conditioned, as real activations are; w ~ N(0, 0.02)."""
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((K, K)) * np.exp(rng.standard_normal(K))[:, None]
+    x = jnp.asarray(rng.standard_normal((T, K)) @ m / np.sqrt(K), jnp.float32)
+    w = jnp.asarray(0.02 * rng.standard_normal((N, K)), jnp.float32)
+    h, n = hessian(x)
+    return x, w, h, n
+
+
+def _rtn_error(w, h, bits, gs):
+    return output_error(w, rtn_quantize(w, bits=bits, group_size=gs, scale_dtype="float16"), h)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_gptq_beats_rtn(data, bits, group_size, act_order):
+    x, w, h, n = data
+    leaf, info = gptq_quantize(w, h, bits=bits, group_size=group_size, act_order=act_order, block_size=B,
+                               n_samples=n, return_info=True)
+    assert leaf.method == "gptq" and leaf.bits == bits and (leaf.perm is not None) == act_order
+    # output_error is tr(D H D^T) = (2/n) ||X W^T - X W_q^T||^2: check it against X itself
+    y_err = float(jnp.sum((x @ w.T - x @ leaf.dequantize().T) ** 2)) * 2 / n
+    np.testing.assert_allclose(info.output_error, y_err, rtol=1e-3)
+    # Measured GPTQ/RTN ratios on these inputs: 0.12-0.17 for every setting (the error feedback
+    # exploits the input correlations RTN ignores); 0.5 leaves a 3x margin while a broken update
+    # (wrong side of U, missing lazy update) gives >= 1.
+    assert info.output_error < 0.5 * _rtn_error(w, h, bits, group_size)
+
+
+@pytest.mark.parametrize("kw", [dict(act_group_aware=True), dict(act_order=True, static_groups=True)])
+def test_monotonic_group_orders_store_no_perm(data, kw):
+    x, w, h, n = data
+    leaf, info = gptq_quantize(w, h, bits=4, group_size=32, block_size=B, return_info=True, **kw)
+    assert leaf.perm is None  # GAR / static groups keep g_idx = i // gs: an ordinary unpermuted leaf
+    assert info.output_error < 0.5 * _rtn_error(w, h, 4, 32)
+    # the leaf computes what it dequantizes to (codes, scales and the un-permutation consistent)
+    np.testing.assert_allclose(np.asarray(leaf.apply_linear(x[:8])), np.asarray(x[:8] @ leaf.dequantize().T),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_identity_hessian_gives_rtn_codes(data):
+    """With H = c I the inverse factor is diagonal, so no error propagates and GPTQ must pick RTN's
+    codes and scales bit for bit (same quantizer, same fp16 scale rounding)."""
+    _, w, _, _ = data
+    g = gptq_quantize(w, 3.0 * jnp.eye(K), bits=4, group_size=32, sym=False)
+    r = rtn_quantize(w, bits=4, group_size=32, sym=False, scale_dtype="float16")
+    for a, b in ((g.packed, r.packed), (g.scales, r.scales), (g.zeros, r.zeros)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _numpy_gptq(w, h, bits, gs, damp):
+    """Plain unblocked GPTQ (arXiv:2210.17323 Alg. 1) in float64, group params at each group start."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    h += damp * np.mean(np.diag(h)) * np.eye(len(h))
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    maxq, codes = 2 ** bits - 1, np.zeros(w.shape)
+    for j in range(w.shape[1]):
+        if j % gs == 0:
+            g = w[:, j:j + gs]
+            xmax = np.maximum(np.abs(np.minimum(g.min(1), 0)), np.maximum(g.max(1), 0))
+            scale = np.asarray(jnp.asarray(2 * xmax / maxq, jnp.float16).astype(jnp.float32), np.float64)
+            zero = (maxq + 1) / 2
+        q = np.clip(np.round(w[:, j] / scale) + zero, 0, maxq)
+        codes[:, j] = q
+        e = (w[:, j] - scale * (q - zero)) / u[j, j]
+        w[:, j:] -= np.outer(e, u[j, j:])
+    return codes
+
+
+def test_blocked_matches_unblocked_reference(data):
+    _, w, h, _ = data
+    leaf = gptq_quantize(w, h, bits=4, group_size=32, block_size=32)  # groups start at block starts
+    ours = np.asarray(leaf.dequantize_stored()).T  # [N, K]
+    scale = np.repeat(np.asarray(leaf.scales[:K // 32], np.float32), 32, axis=0).T
+    ours_codes = np.round(ours / scale) + 8
+    ref = _numpy_gptq(w, h, 4, 32, 0.01)
+    # float32 vs float64 arithmetic flips a rare rounding tie, and a flip changes the error fed
+    # forward; measured agreement ~99.9%, a wrong update order or side gives < 50%
+    assert np.mean(ours_codes == ref) > 0.98
+
+
+def _peer_inputs():
+    """The inputs of ``data/gptqmodel_7.7.0_codes.npz`` (see ``data/make_gptqmodel_codes.py``)."""
+    rng = np.random.default_rng(1234)
+    n, k, t = 32, 256, 512
+    m = rng.standard_normal((k, k)) * np.exp(rng.standard_normal(k))[:, None]
+    x = (rng.standard_normal((t, k)) @ m / np.sqrt(k)).astype(np.float32)
+    w = (0.02 * rng.standard_normal((n, k))).astype(np.float32)
+    return jnp.asarray(w), jnp.asarray(x)
+
+
+def test_codes_match_gptqmodel():
+    """Bit parity with the peer: GPTQModel 7.7.0's ``GPTQ.quantize`` (damp 0.01, B = 128, sym) on
+    the same w and X picks our codes for plain, act-order and act_group_aware orders.
+    Scales are compared as float32 (GPTQModel rounds them to fp16 only when packing)."""
+    ref = np.load(Path(__file__).parent / "data" / "gptqmodel_7.7.0_codes.npz")
+    w, x = _peer_inputs()
+    h, _ = hessian(x)
+    exact = []
+    for key in ref.files:
+        bits, gs = map(int, re.fullmatch(r"w(\d)g(\d+)_\w+", key).groups())
+        order = key.split("_", 1)[1]
+        leaf = gptq_quantize(w, h, bits=bits, group_size=gs, act_order=order == "act_order",
+                             act_group_aware=order == "gar", scale_dtype="float32")
+        codes = np.asarray(layout.unpack(leaf.packed, bits, leaf.in_features))  # [K, N] stored order
+        if leaf.perm is not None:
+            codes = codes[np.argsort(np.asarray(leaf.perm))]  # back to input-feature order
+        agree = np.mean(codes.T == ref[key])
+        # measured: 5 of the 6 settings bit-identical; w8g64_act_order differs in 43 of 8192 codes,
+        # all in one row: a float32 rounding difference in the updated weights (their update order
+        # is not ours) moved one value across a rounding boundary and the error feedback carried it
+        # along the row. A wrong convention (group start, perm, damping) disagrees in >> 1%.
+        assert agree > 0.99, (key, agree)
+        exact.append(agree == 1.0)
+    assert sum(exact) >= len(exact) - 1
+
+
+def test_eora_lowers_error_monotonically_in_rank(data):
+    _, w, h, _ = data
+    leaf, info = gptq_quantize(w, h, bits=3, group_size=128, act_order=True, block_size=B, return_info=True)
+    errs = [info.output_error] + [output_error(w, eora(w, leaf, h, r), h) for r in (8, 32, 64)]
+    # measured ratios to GPTQ alone ~0.6 / 0.2 / 0.02; strict decrease is the acceptance criterion
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    q = eora(w, leaf, h, 32)
+    assert q.lora_rank == 32 and q.lora_a.shape == (32, K) and q.lora_b.shape == (N, 32)
+    assert q.storage_bits() == leaf.storage_bits() + 32 * (K + N) * 32  # float32 factors of a float32 weight
+    np.testing.assert_allclose(np.asarray(q.apply_linear(w[:4, :])), np.asarray(w[:4, :] @ q.dequantize().T),
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="rank 97"):
+        eora(w, leaf, h, N + 1)
+
+
+def test_deterministic(data):
+    _, w, h, n = data
+    a = eora(w, gptq_quantize(w, h, bits=4, group_size=32, act_order=True, block_size=B), h, 8)
+    b = eora(w, gptq_quantize(w, h, bits=4, group_size=32, act_order=True, block_size=B), h, 8)
+    for x, y in zip((a.packed, a.scales, a.perm, a.lora_a, a.lora_b), (b.packed, b.scales, b.perm, b.lora_a, b.lora_b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_bad_inputs(data):
+    x, w, _, _ = data
+    h_short, n_short = hessian(x[:16])
+    with pytest.raises(ValueError, match="fewer than one group"):
+        gptq_quantize(w, h_short, bits=4, group_size=32, block_size=B, n_samples=n_short, name="layers.0.q_proj")
+    h_few, n_few = hessian(x[:64])  # 64 samples < K = 128: rank-deficient H
+    with pytest.warns(GPTQWarning, match="rank"):
+        leaf = gptq_quantize(w, h_few, bits=4, group_size=32, block_size=B, n_samples=n_few)
+    assert np.all(np.isfinite(np.asarray(leaf.dequantize())))
+    # an indefinite H fails Cholesky at the default damping: escalation with a warning naming the layer
+    h_bad = jnp.diag(jnp.ones(K).at[5].set(-0.5))
+    with pytest.warns(GPTQWarning, match="layers.7.mlp.down_proj.*escalated"):
+        gptq_quantize(w, h_bad, bits=4, group_size=32, block_size=B, name="layers.7.mlp.down_proj")
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        gptq_quantize(w, h_few, act_order=True, act_group_aware=True)
+
+
+def test_hessian_streams(data):
+    x = data[0].reshape(8, 64, K)  # 8 sequences of 64 tokens
+    whole, n = hessian(x)
+    acc = quant.HessianAccumulator(K).update(x[:3]).update(x[3:])
+    tol = dict(rtol=1e-5, atol=1e-5 * float(whole.max()))  # float32 sums in another order
+    np.testing.assert_allclose(np.asarray(acc.hessian), np.asarray(whole), **tol)
+    assert n == acc.n == 512
+    per_seq = quant.HessianAccumulator(K, count="sequences").update(x[:3]).update(x[3:])
+    np.testing.assert_allclose(np.asarray(per_seq.hessian) / 64, np.asarray(whole), **tol)  # 2/8 vs 2/512
+
+
+def test_dead_inputs_are_zeroed(data):
+    x, w, _, _ = data
+    h, n = hessian(x.at[:, 3].set(0.0))
+    leaf, info = gptq_quantize(w, h, bits=4, group_size=32, block_size=B, n_samples=n, return_info=True)
+    assert info.dead == 1
+    assert np.all(np.asarray(leaf.dequantize())[:, 3] == 0)
+
+
+def test_quantize_params_with_hessians_and_recipe_checks(data):
+    x, w, h, n = data
+    params = {"blk": {"proj": {"weight": w}}}
+    q = quant.quantize_params(params, Recipe([Rule(r"blk\.proj\.weight", "gptq", bits=4, group_size=32, block_size=B,
+                                                   eora_rank=8)]), calibration={"blk.proj.weight": (h, n)})
+    leaf = q["blk"]["proj"]["weight"]
+    assert leaf.method == "gptq" and leaf.lora_rank == 8
+    with pytest.raises(RecipeError, match="calibration"):
+        quant.quantize_params(params, Recipe([Rule(r"blk\.proj\.weight", "gptq")]))
+    with pytest.raises(RecipeError, match="eora_rank 200 exceeds"):
+        quant.quantize_params(params, Recipe([Rule(r"blk\.proj\.weight", "gptq", eora_rank=200)]),
+                              calibration={"blk.proj.weight": (h, n)})
+    assert set(quant.CALIBRATED_PRESETS) <= {r.name for r in map(quant.get_recipe, quant.CALIBRATED_PRESETS)}
+
+
+def test_tiny_model_gptq_from_calibration_beats_rtn(numpy_params):
+    """True-sequential calibration capture on a 2-layer model (a DeltaNet and an attention layer)."""
+    text = Q.tiny_text_config(hidden_size=128, intermediate_size=256, linear_num_key_heads=2,
+                              linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+                              num_hidden_layers=2, layer_types=("linear_attention", "full_attention"))
+    cfg = Q.ModelConfig(text=text, vision=None, architecture="Qwen3_5ForCausalLM")
+    params = numpy_params(cfg, seed=1)
+    rng = np.random.default_rng(0)
+    calib = rng.integers(0, text.vocab_size, (8, 64))
+    ids = jnp.asarray(rng.integers(0, text.vocab_size, (2, 16)), jnp.int32)
+    ref = Q.forward(cfg, params, ids)
+    recipe = Recipe([Rule(quant.TEXT_LINEARS, "gptq", bits=4, group_size=32)])
+    # the sequential delta rule compiles in half the time of the chunked one on CPU (same function)
+    q, info = quant.gptq_quantize_model(cfg, params, recipe, calib, batch_size=4,
+                                        options=Q.model.RuntimeOptions(gated_delta="naive"))
+    assert len(info) == 6 + 7  # DeltaNet qkv/z/out + MLP x3; attention q/k/v/o + MLP x3
+    leaves = [v for k, v in Q.flatten(q).items() if re.fullmatch(quant.TEXT_LINEARS, k)]
+    assert all(quant.is_quantized(v) and v.method == "gptq" for v in leaves)
+    r = quant.quantize_params(params, quant.get_recipe(recipe, method="rtn", scale_dtype="float16"))
+
+    def rel(a):
+        return float(jnp.linalg.norm(a - ref) / jnp.linalg.norm(ref))
+
+    # measured logits rel. error: GPTQ 0.111, RTN 0.133 (random weights and tokens leave little
+    # structure to exploit, so the gain is modest; the assertion is only the ordering)
+    assert rel(Q.forward(cfg, q, ids)) < rel(Q.forward(cfg, r, ids))
