@@ -144,7 +144,8 @@ def _batches(calibration, batch_size: int | None) -> list[jax.Array]:
 
 def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str, calibration, *,
                         batch_size: int | None = None, true_sequential: bool = True,
-                        options: RuntimeOptions = RuntimeOptions(), verbose: bool = False) -> tuple[dict, dict]:
+                        options: RuntimeOptions = RuntimeOptions(), verbose: bool = False,
+                        progress=None) -> tuple[dict, dict]:
     """Quantize ``params`` with ``recipe`` (rules may use "gptq", "rtn", ...), calibrating GPTQ on
     the token ids ``calibration`` ``[S, T]`` (or a list of such arrays), layer by layer.
 
@@ -153,6 +154,7 @@ def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str,
     batch_size: sequences per forward batch (None: all at once). true_sequential: quantize a layer's
     linears in the subsets above with inputs recomputed through the quantized earlier subsets
     (False: every linear of a layer sees the layer's float computation, one subset).
+    progress: optional ``progress(done_layers, total_layers, seconds_of_this_layer)`` after each layer.
     EoRA (``eora_rank`` > 0) uses the same H and is attached at once, so later subsets and layers
     see the compensated weights. GPTQ rules may only select decoder-layer linears
     (``language_model.layers.*``); other rules (e.g. RTN on ``lm_head``) apply as in
@@ -221,9 +223,12 @@ def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str,
         # the next layer sees this layer's quantized outputs
         xs = [_forward(lp, x, cos, sin, c=c, layer_type=layer_type, options=options)
               for x, (cos, sin) in zip(xs, rope)]
-        if verbose:
+        if verbose or progress is not None:
             jax.block_until_ready(xs)
+        if verbose:
             print(f"layer {i} ({layer_type}): {time.perf_counter() - t0:.2f} s, {n_tokens} tokens")
+        if progress is not None:
+            progress(i + 1, c.num_hidden_layers, time.perf_counter() - t0)
 
     out = []
     for keys, leaf in items:

@@ -184,3 +184,48 @@ def test_ablate_cli_writes_tables_and_plot(trained, tmp_path, capsys):
         (bare / name).write_bytes((out / name).read_bytes())
     assert cli.main(["ablate", "--model", str(bare), "--recipes", "int4-g128", "--out", str(tmp_path / "y")]) == 2
     assert "tokenizer" in capsys.readouterr().err.lower()
+
+
+def test_quantize_script_gptq_round_trip(trained, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import quant
+
+    spec = importlib.util.spec_from_file_location(
+        "quantize_script", Path(__file__).parents[1] / "scripts" / "quantize.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, _, _ = trained
+    argv = [str(out), "--recipe", "gptq-int4-g128", "--calib-seqs", "4", "--calib-len", "64",
+            "--out", str(tmp_path / "q")]
+    assert script.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "4 sequences x 64 tokens" in printed.err and "layer 8/8" in printed.err
+    assert "GPTQ output error over" in printed.out
+    cfg, params = checkpoint.load_checkpoint(out)
+    loaded = quant.load(tmp_path / "q")
+    leaf = M.flatten(loaded)["language_model.layers.0.mlp.down_proj.weight"]
+    assert leaf.method == "gptq" and leaf.bits == 4
+    # the saved tree is exactly what gptq_quantize_model gives for the same calibration windows
+    # (quantization is deterministic and orbax round trips are exact)
+    from qwen35_jax import corpus as C
+    from qwen35_jax.small_model import encode_documents as enc
+    from qwen35_jax.small_model import matching_tokenizer
+
+    tok = matching_tokenizer(out, cfg.text.vocab_size)
+    calib = script.calibration_tokens(enc(tok, C.read_split(C.sample_dir(), "train")), 4, 64)
+    direct, _ = quant.gptq_quantize_model(cfg, params, "gptq-int4-g128", calib, batch_size=8)
+    for name, a in M.flatten(direct).items():
+        b = M.flatten(loaded)[name]
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    # bad input: existing output, calibration shorter than one sequence, unknown recipe
+    assert script.main(argv) == 2 and "refusing to overwrite" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert script.main([str(out), "--recipe", "gptq-int4-g128", "--calib", str(short), "--calib-len", "64",
+                        "--out", str(tmp_path / "q2")]) == 2
+    assert "fewer than one sequence" in capsys.readouterr().err
+    assert script.main([str(out), "--recipe", "gptq-int9", "--out", str(tmp_path / "q3")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
