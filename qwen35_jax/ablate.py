@@ -25,8 +25,8 @@ from qwen35_jax import checkpoint, corpus, evaluation
 from qwen35_jax.small_model import encode_documents, matching_tokenizer
 
 BASELINE = "none"  # the unquantized model, always evaluated first
-DEFAULT_RECIPES = (BASELINE, "int8-per-channel", "int8-g32-text", "int8-attn-int4-rest-g128", "int4-g32",
-                   "int4-g128", "int3-g128")
+DEFAULT_RECIPES = (BASELINE, "int8-per-channel", "int8-g32-text", "gptq-int8-g32-text", "int8-attn-int4-rest-g128",
+                   "gptq-int8-attn-int4-rest-g128-eora64", "int4-g32", "int4-g128", "gptq-int4-g128", "int3-g128")
 
 
 @dataclasses.dataclass
@@ -67,9 +67,10 @@ def validate_recipes(names: Sequence[str]) -> list[str]:
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise ValueError("no recipes given")
-    unknown = [n for n in names if n != BASELINE and n not in quant.PRESETS]
+    known = {**quant.PRESETS, **quant.CALIBRATED_PRESETS}
+    unknown = [n for n in names if n != BASELINE and n not in known]
     if unknown:
-        raise ValueError(f"unknown recipe(s) {unknown}; available: {[BASELINE, *sorted(quant.PRESETS)]}")
+        raise ValueError(f"unknown recipe(s) {unknown}; available: {[BASELINE, *sorted(known)]}")
     return [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
 
 
@@ -86,7 +87,10 @@ def fresh_out_dir(out: str | Path | None, model_dir: Path) -> Path:
 def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str | Path | None = None,
                  corpus_dir: str | Path | None = None, split: str = "validation", seq_len: int | None = None,
                  stride: int | None = None, batch_size: int = 8, dtype=jnp.float32, decode: bool | None = None,
-                 log=print) -> tuple[list[Row], Path]:
+                 calib_seqs: int = 32, calib_len: int | None = None, log=print) -> tuple[list[Row], Path]:
+    """Evaluate every recipe on ``split``. Calibrated recipes (GPTQ/EoRA, ``quant.CALIBRATED_PRESETS``)
+    calibrate on ``calib_seqs`` windows of ``calib_len`` tokens (default: the evaluation window) from
+    the *train* split, never the evaluated one."""
     import quant
 
     model_dir = Path(model_dir)
@@ -101,6 +105,14 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
     stride = stride or max(1, seq_len // 2)
     if decode is None:
         decode = jax.default_backend() == "gpu"
+    calib = None
+    if any(n in quant.CALIBRATED_PRESETS for n in recipes):
+        train_ids = encode_documents(tok, corpus.read_split(corpus_dir or corpus.sample_dir(), "train"))
+        length = calib_len or seq_len
+        n = min(calib_seqs, train_ids.size // length)
+        if n == 0:
+            raise ValueError(f"the train split has {train_ids.size} tokens, fewer than one calibration window of {length}")
+        calib = train_ids[: n * length].reshape(n, length).astype(np.int32)
     out = fresh_out_dir(out_dir, model_dir)
     log(f"model {model_dir} ({cfg.text.num_hidden_layers} layers, hidden {cfg.text.hidden_size}); "
         f"{split} split: {ids.size:,} tokens, seq_len {seq_len}, stride {stride}; results -> {out}")
@@ -108,7 +120,12 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
     base_ppl = None
     for i, name in enumerate(recipes, 1):
         t0 = time.perf_counter()
-        tree = params if name == BASELINE else quant.quantize_params(params, name)
+        if name == BASELINE:
+            tree = params
+        elif name in quant.CALIBRATED_PRESETS:
+            tree, _ = quant.gptq_quantize_model(cfg, params, name, calib, batch_size=batch_size)
+        else:
+            tree = quant.quantize_params(params, name)
         jax.block_until_ready(tree)
         tq = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -210,6 +227,7 @@ def main(args) -> int:
     try:
         rows, out = run_ablation(model_dir, args.recipes.split(","), out_dir=args.out, corpus_dir=args.corpus,
                                  split=args.split, seq_len=args.seq_len, stride=args.stride,
+                                 calib_seqs=args.calib_seqs, calib_len=args.calib_len,
                                  dtype=jnp.dtype(args.dtype), decode=False if args.no_decode else None)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -230,6 +248,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's training length (<= 2048)")
     p.add_argument("--stride", type=int, default=None, help="default: seq-len / 2")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--calib-seqs", type=int, default=32, help="GPTQ calibration windows from the train split")
+    p.add_argument("--calib-len", type=int, default=None, help="their length (default: --seq-len)")
     p.add_argument("--no-decode", action="store_true", help="skip the decode-speed column on a GPU")
     p.add_argument("--out", default=None, help="output directory (default: runs/ablate-MODEL-TIME)")
 
