@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.quant_matmul import layout
-from quant.leaves import SCALE_DTYPES, QuantizedWeight, _check_bits_group, dtype_name, normalize_group_size
-from quant.rtn import CLIP_MODES, MSE_GRID, MSE_MAXSHRINK, MSE_NORM, _codes, find_params
+from quant.leaves import SCALE_DTYPES, QuantizedWeight, dtype_name
+from quant.rtn import MSE_GRID, MSE_MAXSHRINK, MSE_NORM, _codes, check_weight_args, find_params
 
 F32 = jnp.float32
 HI = jax.lax.Precision.HIGHEST
@@ -353,18 +353,9 @@ def gptq_quantize(w, h, *, bits: int = 4, group_size: int | None = 128, sym: boo
     Returns the :class:`QuantizedWeight` (``method="gptq"``), or ``(leaf, GPTQInfo)`` with
     return_info. Deterministic: the same inputs give the same bits.
     """
-    if getattr(w, "ndim", None) != 2:
-        raise ValueError(f"{name}: GPTQ quantizes 2-D [out, in] weights, got shape {getattr(w, 'shape', None)}")
-    n, k = w.shape
+    n, k, gs = check_weight_args(w, name, "GPTQ", bits, group_size, clip)
     if tuple(h.shape) != (k, k):
         raise ValueError(f"{name}: Hessian shape {tuple(h.shape)} does not match the input dim {k}")
-    gs = normalize_group_size(group_size, k)
-    try:
-        _check_bits_group(bits, gs, k)
-    except ValueError as e:
-        raise ValueError(f"{name} [{n}, {k}]: {e}") from None
-    if clip not in CLIP_MODES:
-        raise ValueError(f"{name}: unknown clip mode {clip!r}; expected one of {CLIP_MODES}")
     if act_order and act_group_aware:
         raise ValueError(f"{name}: act_order (desc_act) and act_group_aware are mutually exclusive")
     if block_size <= 0:

@@ -144,6 +144,22 @@ def _rtn_arrays(w, perm, *, bits, group_size, sym, clip, scale_dtype, norm, grid
     return packed, scales, zeros, finite
 
 
+def check_weight_args(w, name: str, method: str, bits: int, group_size, clip: str) -> tuple[int, int, int]:
+    """Shared argument checks of the weight quantizers: ``(N, K, group size)`` or a ValueError naming
+    the parameter."""
+    if getattr(w, "ndim", None) != 2:
+        raise ValueError(f"{name}: {method} quantizes 2-D [out, in] weights, got shape {getattr(w, 'shape', None)}")
+    n, k = w.shape
+    gs = normalize_group_size(group_size, k)
+    try:
+        _check_bits_group(bits, gs, k)
+    except ValueError as e:
+        raise ValueError(f"{name} [{n}, {k}]: {e}") from None
+    if clip not in CLIP_MODES:
+        raise ValueError(f"{name}: unknown clip mode {clip!r}; expected one of {CLIP_MODES}")
+    return n, k, gs
+
+
 def rtn_quantize(w, *, bits: int = 4, group_size: int | None = 128, sym: bool = True, clip: str = "minmax",
                  scale_dtype=None, perm=None, norm: float = MSE_NORM, grid: int = MSE_GRID,
                  maxshrink: float = MSE_MAXSHRINK, name: str = "weight") -> QuantizedWeight:
@@ -157,16 +173,7 @@ def rtn_quantize(w, *, bits: int = 4, group_size: int | None = 128, sym: bool = 
         stores it (see :class:`QuantizedWeight`).
     name: used in error messages (e.g. the parameter path).
     """
-    if getattr(w, "ndim", None) != 2:
-        raise ValueError(f"{name}: RTN quantizes 2-D [out, in] weights, got shape {getattr(w, 'shape', None)}")
-    n, k = w.shape
-    gs = normalize_group_size(group_size, k)
-    try:
-        _check_bits_group(bits, gs, k)
-    except ValueError as e:
-        raise ValueError(f"{name} [{n}, {k}]: {e}") from None
-    if clip not in CLIP_MODES:
-        raise ValueError(f"{name}: unknown clip mode {clip!r}; expected one of {CLIP_MODES}")
+    n, k, gs = check_weight_args(w, name, "RTN", bits, group_size, clip)
     if scale_dtype is None:
         scale_dtype = dtype_name(w.dtype) if dtype_name(w.dtype) in SCALE_DTYPES else "float32"
     scale_dtype = dtype_name(scale_dtype)
