@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import math
 import os
 import re
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from qwen35_jax.config import ModelConfig, VisionConfig
+from qwen35_jax.tokenizer import read_json_object
 
 __all__ = [
     "ChatInputs",
@@ -156,15 +156,7 @@ class ProcessorConfig:
 
 
 def _read_json(file: Path) -> dict | None:
-    if not file.is_file():
-        return None
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ImageProcessingError(f"could not read {file}: {e}") from e
-    if not isinstance(data, dict):
-        raise ImageProcessingError(f"{file} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(file, ImageProcessingError) if file.is_file() else None
 
 
 # Keys of the HF processor files that do not change preprocessing here, with the reason.

@@ -70,13 +70,9 @@ def build_small_model(out_dir: str | Path, *, corpus_dir: str | Path | None = No
     return log
 
 
-def cache_dir() -> Path:
-    return corpus.cache_dir()
-
-
 def default_model(progress: bool = True) -> Path:
     """The default ablation model, trained on first use (a few minutes on 2 CPU cores) and cached."""
-    target = cache_dir() / DEFAULT_MODEL_VERSION
+    target = corpus.cache_dir() / DEFAULT_MODEL_VERSION
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     work = target.with_name(target.name + ".partial")  # resumable: train() restarts from its checkpoints

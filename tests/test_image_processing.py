@@ -34,8 +34,8 @@ from qwen35_jax.image_processing import (
 )
 from qwen35_jax.vision import patch_rows_cols
 
-transformers = pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (test extra: the parity references)
+import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 QWEN35_IMAGE = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
