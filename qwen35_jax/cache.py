@@ -105,8 +105,8 @@ def init_decode_state(cfg: ModelConfig | TextConfig, batch: int, max_len: int, *
             shape = (batch, max_len, c.num_key_value_heads, c.head_dim)
             if kv_dtype in ("int8", "fp8"):
                 store = jnp.int8 if kv_dtype == "int8" else _FP8
-                scale = jnp.zeros(shape[:3], jnp.float32)
-                layers.append(KVCache(jnp.zeros(shape, store), jnp.zeros(shape, store), scale, scale))
+                layers.append(KVCache(jnp.zeros(shape, store), jnp.zeros(shape, store),
+                                      jnp.zeros(shape[:3], jnp.float32), jnp.zeros(shape[:3], jnp.float32)))
             else:
                 layers.append(KVCache(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)))
         else:
@@ -115,8 +115,9 @@ def init_decode_state(cfg: ModelConfig | TextConfig, batch: int, max_len: int, *
                 recurrent=jnp.zeros((batch, c.linear_num_value_heads, c.linear_key_head_dim,
                                      c.linear_value_head_dim), jnp.float32),
             ))
-    zeros = jnp.zeros((batch,), jnp.int32)
-    return DecodeState(layers=tuple(layers), pad=zeros, length=zeros, delta=zeros)
+    # one buffer per leaf: the jitted steps donate the state, and XLA refuses one buffer donated twice
+    return DecodeState(layers=tuple(layers), pad=jnp.zeros((batch,), jnp.int32),
+                       length=jnp.zeros((batch,), jnp.int32), delta=jnp.zeros((batch,), jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------------

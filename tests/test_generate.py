@@ -137,6 +137,21 @@ def test_quantized_kv_cache(hf_checkpoints, kv_dtype, tol):
     assert 0 < err < tol
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "int8"])
+def test_fresh_decode_state_can_be_donated(hf_checkpoints, kv_dtype):
+    """The jitted decode step donates the state; a fresh ``init_decode_state`` must hold one buffer per
+    leaf (XLA refuses one buffer donated twice; scripts/bench_decode.py steps such a state directly)."""
+    path, _ = hf_checkpoints("gva3", "causal")
+    cfg, params = Q.load_checkpoint(path, dtype=jnp.float32)
+    state = G.init_decode_state(cfg, 2, 64, dtype=jnp.float32, kv_dtype=kv_dtype)
+    leaves = jax.tree.leaves(state)
+    assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
+    tok, state, _, _ = G._jitted("step")(cfg, Q.RuntimeOptions(), G.get_preset("greedy"), (), params, state,
+                                         jnp.asarray([3, 5], jnp.int32), jax.random.key(0), None, None,
+                                         jnp.zeros((2,), bool))
+    assert tok.shape == (2,) and state.length.tolist() == [1, 1]
+
+
 def test_memory_helpers():
     cfg = Q.qwen35_27b()
     assert kv_bytes_per_token(cfg) == 64 * 1024  # 16 layers x 4 KV heads x 256 x (K, V) x bf16
