@@ -198,10 +198,15 @@ def damped_inverse_factor(h, *, damp_percent: float = DEFAULT_DAMP, damp_increme
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_groups(i1: int, i2: int, group_size: int) -> list[int]:
-    """Starts of the groups that begin in columns ``[i1, i2)``."""
-    first = -(-i1 // group_size) * group_size
-    return list(range(first, i2, group_size))
+def _block_width(block_size: int, group_size: int, k: int) -> int:
+    """The lazy-batch width actually used: every block holds whole groups (a multiple of the group
+    size) or lies inside one group (a divisor of it), so group starts are block starts or fall inside
+    a block at fixed offsets. Per-channel (one group) takes ``block_size`` as it is."""
+    if group_size == k or group_size == block_size:
+        return block_size
+    if group_size < block_size:
+        return group_size * (block_size // group_size)
+    return max(d for d in range(1, block_size + 1) if group_size % d == 0)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "order", "static_groups", "block_size",
@@ -212,12 +217,21 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
     diagonal set to 1), u: upper Cholesky factor of the damped inverse *in quantization order*
     (computed by the caller on the permuted H). Returns the leaf's children (packed ``[S, N]``,
     scales/zeros ``[Gp, N]`` in the leaf's group order, the perm or None for an unpermuted leaf)
-    and GPTQ's loss."""
+    and GPTQ's loss.
+
+    Both loops are ``fori_loop``s over fixed shapes (blocks of ``B`` columns, K padded to a multiple
+    of B with dead columns that U leaves untouched), so the program's size and its compilation do not
+    grow with K: a 17,408-column weight compiles like a 512-column one."""
     n, k = w.shape
     gs = group_size
     g = k // gs
     maxq = 2 ** bits - 1
     qp = dict(bits=bits, sym=sym, clip=clip, scale_dtype=scale_dtype, norm=norm, grid=grid, maxshrink=maxshrink)
+    bw = _block_width(block_size, gs, k)
+    nblocks = -(-k // bw)
+    kp = nblocks * bw
+    per_block_groups = gs < bw  # groups start at fixed offsets inside every block (bw % gs == 0)
+    gp = kp // gs if per_block_groups else g  # group slots incl. groups of the padding
 
     d = jnp.diag(h)
     if order == "act_order":
@@ -227,34 +241,49 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
     else:
         perm = None
     wp = w if perm is None else jnp.take(w, perm, axis=1)
-
     # group index of each column in quantization order
-    if static_groups:
-        # static groups: parameters of the original contiguous groups, from the original weights
+    if static_groups:  # parameters of the original contiguous groups, from the original weights
         s0, z0 = find_params(w.reshape(n, g, gs), **qp)
         scale_all, zero_all = s0[..., 0], z0[..., 0]  # [N, G], original group order
         col_group = (jnp.arange(k) if perm is None else perm) // gs
-    else:
-        scale_all = jnp.zeros((n, g), F32)
-        zero_all = jnp.zeros((n, g), F32)
+    elif gs == k:  # per-channel: the one group starts at column 0, where W is still untouched
+        s0, z0 = find_params(wp.reshape(n, 1, k), **qp)
+        scale_all, zero_all = s0[..., 0], z0[..., 0]
+        col_group = jnp.zeros((k,), jnp.int32)
+    else:  # filled block by block
+        scale_all = jnp.zeros((n, gp), F32)
+        zero_all = jnp.zeros((n, gp), F32)
         col_group = jnp.arange(k) // gs
+    # padding columns: weight 0, U rows/columns of the identity, so their error (weighted by U) reaches
+    # no real column; their codes are dropped and their loss masked
+    wp = jnp.pad(wp, ((0, 0), (0, kp - k)))
+    up = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(F32))
 
-    codes_blocks, loss = [], jnp.zeros((), F32)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        nb = i2 - i1
-        if not static_groups:
-            starts = _block_groups(i1, i2, gs)
-            if starts:  # parameters of the groups starting here, from W as it stands at block start
-                wg = jnp.stack([wp[:, s:s + gs] for s in starts], axis=1)  # [N, ng, gs]
+    col_group = jnp.pad(col_group, (0, kp - k))  # padding columns: any valid group (masked)
+    dynamic_groups = not (static_groups or gs == k)
+
+    def block(b, carry):
+        wp, codes, scale_all, zero_all, loss = carry
+        i1 = b * bw
+        if dynamic_groups:  # parameters of the groups starting here, from W as it stands at block start
+            if per_block_groups:
+                wg = jax.lax.dynamic_slice_in_dim(wp, i1, bw, axis=1).reshape(n, bw // gs, gs)
                 s1, z1 = find_params(wg, **qp)
-                gi = np.asarray(starts) // gs
-                scale_all = scale_all.at[:, gi].set(s1[..., 0])
-                zero_all = zero_all.at[:, gi].set(z1[..., 0])
-        cg = col_group[i1:i2]
-        col_scale = jnp.take(scale_all, cg, axis=1)  # [N, nb]
+                scale_all = jax.lax.dynamic_update_slice_in_dim(scale_all, s1[..., 0], i1 // gs, axis=1)
+                zero_all = jax.lax.dynamic_update_slice_in_dim(zero_all, z1[..., 0], i1 // gs, axis=1)
+            else:  # a group starts at this block iff i1 % gs == 0 (bw divides gs, and k)
+
+                def new_group(sz):
+                    wg = jax.lax.dynamic_slice_in_dim(wp, i1, gs, axis=1).reshape(n, 1, gs)
+                    s1, z1 = find_params(wg, **qp)
+                    return (jax.lax.dynamic_update_slice_in_dim(sz[0], s1[..., 0], i1 // gs, axis=1),
+                            jax.lax.dynamic_update_slice_in_dim(sz[1], z1[..., 0], i1 // gs, axis=1))
+
+                scale_all, zero_all = jax.lax.cond(i1 % gs == 0, new_group, lambda sz: sz, (scale_all, zero_all))
+        cg = jax.lax.dynamic_slice_in_dim(col_group, i1, bw)
+        col_scale = jnp.take(scale_all, cg, axis=1)  # [N, bw]
         col_zero = jnp.take(zero_all, cg, axis=1)
-        u1 = u[i1:i2, i1:i2]
+        u1 = jax.lax.dynamic_slice(up, (i1, i1), (bw, bw))
 
         def column(i, carry):
             w1, q1, err1, ls = carry
@@ -263,30 +292,35 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
             zc = jax.lax.dynamic_index_in_dim(col_zero, i, axis=1, keepdims=False)
             q = _codes(wc, sc, zc, maxq)
             wq = sc * (q - zc)
-            row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)  # [nb]; zero below i
+            row = jax.lax.dynamic_index_in_dim(u1, i, axis=0, keepdims=False)  # [bw]; zero below i
             dd = row[i]
             e = (wc - wq) / dd
             # U is upper triangular, so columns < i get exact zero updates
             w1 = w1 - e[:, None] * row[None, :]
             q1 = jax.lax.dynamic_update_index_in_dim(q1, q, i, axis=1)
             err1 = jax.lax.dynamic_update_index_in_dim(err1, e, i, axis=1)
-            ls = ls + jnp.sum((wc - wq) ** 2) / (dd * dd) / 2
+            ls = ls + jnp.where(i1 + i < k, jnp.sum((wc - wq) ** 2) / (dd * dd) / 2, 0.0)
             return w1, q1, err1, ls
 
-        init = (wp[:, i1:i2], jnp.zeros((n, nb), F32), jnp.zeros((n, nb), F32), jnp.zeros((), F32))
-        _, q1, err1, ls = jax.lax.fori_loop(0, nb, column, init)
-        codes_blocks.append(q1)
-        loss = loss + ls
-        if i2 < k:  # lazy batch update of every later column
-            rest = wp[:, i2:] - jnp.dot(err1, u[i1:i2, i2:], precision=HI, preferred_element_type=F32)
-            wp = jnp.concatenate([wp[:, :i2], rest], axis=1)
+        init = (jax.lax.dynamic_slice_in_dim(wp, i1, bw, axis=1), jnp.zeros((n, bw), F32), jnp.zeros((n, bw), F32),
+                jnp.zeros((), F32))
+        _, q1, err1, ls = jax.lax.fori_loop(0, bw, column, init)
+        codes = jax.lax.dynamic_update_slice_in_dim(codes, q1, i1, axis=1)
+        # lazy batch update of every later column: U's rows i1:i1+bw are zero before column i1, and
+        # this block's own columns (also touched) are never read again
+        wp = wp - jnp.dot(err1, jax.lax.dynamic_slice_in_dim(up, i1, bw, axis=0), precision=HI,
+                          preferred_element_type=F32)
+        return wp, codes, scale_all, zero_all, loss + ls
 
-    codes = jnp.concatenate(codes_blocks, axis=1)  # [N, K] in quantization order
+    init = (wp, jnp.zeros((n, kp), F32), scale_all, zero_all, jnp.zeros((), F32))
+    _, codes, scale_all, zero_all, loss = jax.lax.fori_loop(0, nblocks, block, init)
+    codes = codes[:, :k]  # [N, K] in quantization order
+    scale_all, zero_all = scale_all[:, :g], zero_all[:, :g]
     if order == "act_group_aware":
         # back to the original column order; permuted group j is original group group_order[j]
         inv = jnp.argsort(perm)
         codes = jnp.take(codes, inv, axis=1)
-        if not static_groups:
+        if dynamic_groups:
             scale_all = jnp.zeros_like(scale_all).at[:, group_order].set(scale_all)
             zero_all = jnp.zeros_like(zero_all).at[:, group_order].set(zero_all)
         perm = None

@@ -109,6 +109,22 @@ def test_blocked_matches_unblocked_reference(data):
     assert np.mean(ours_codes == ref) > 0.98
 
 
+@pytest.mark.parametrize("group_size,block_size", [(64, 32), (32, 48), (None, 48)])
+def test_block_shapes_match_unblocked_reference(data, group_size, block_size):
+    """The column loop runs over fixed-width blocks: a group wider than the block (64 over blocks of
+    32: a group starts every other block), a block width that is no multiple of the group (48 with
+    g32 runs blocks of 32), and per-channel over blocks of 48 (K = 128 padded to 144 with dead
+    columns). Group starts fall on block starts in all three, so the unblocked float64 loop is the
+    reference; agreement as in the test above (fp32 vs fp64 rounding flips, measured ~99.9%)."""
+    _, w, h, _ = data
+    leaf = gptq_quantize(w, h, bits=4, group_size=group_size, block_size=block_size)
+    gs = group_size or K
+    ours = np.asarray(leaf.dequantize_stored()).T  # [N, K]
+    scale = np.repeat(np.asarray(leaf.scales[:K // gs], np.float32), gs, axis=0).T
+    ref = _numpy_gptq(w, h, 4, gs, 0.01)
+    assert np.mean(np.round(ours / scale) + 8 == ref) > 0.98
+
+
 def _peer_inputs():
     """The inputs of ``data/gptqmodel_7.7.0_codes.npz`` (see ``data/make_gptqmodel_codes.py``)."""
     rng = np.random.default_rng(1234)
@@ -136,13 +152,18 @@ def test_codes_match_gptqmodel():
         if leaf.perm is not None:
             codes = codes[np.argsort(np.asarray(leaf.perm))]  # back to input-feature order
         agree = np.mean(codes.T == ref[key])
-        # measured: 5 of the 6 settings bit-identical; w8g64_act_order differs in 43 of 8192 codes,
-        # all in one row: a float32 rounding difference in the updated weights (their update order
-        # is not ours) moved one value across a rounding boundary and the error feedback carried it
-        # along the row. A wrong convention (group start, perm, damping) disagrees in >> 1%.
+        # A wrong convention (group start, perm, damping) disagrees in >> 1%. What remains is float32
+        # rounding order (their update order is not ours, and XLA's vectorisation depends on the CPU):
+        # a perturbation of a few ulp moves a value across a rounding boundary with probability
+        # ~ ulp / step, and the error feedback then carries it along the row. The 8-bit grid's step is
+        # 16-32x finer than the 4- and 3-bit ones, so only the 8-bit settings are exposed. Measured on
+        # two x86 CPUs: every 3/4-bit setting bit-identical; w8g32_gar 0 or 3 codes of 8192 apart,
+        # w8g64_act_order 43 (all in one row).
         assert agree > 0.99, (key, agree)
-        exact.append(agree == 1.0)
-    assert sum(exact) >= len(exact) - 1
+        if bits <= 4:
+            assert agree == 1.0, (key, agree)
+            exact.append(key)
+    assert len(exact) == 4, exact
 
 
 def test_eora_lowers_error_monotonically_in_rank(data):
