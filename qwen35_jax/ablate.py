@@ -25,6 +25,7 @@ from qwen35_jax import checkpoint, corpus, evaluation
 from qwen35_jax.small_model import encode_documents, matching_tokenizer
 
 BASELINE = "none"  # the unquantized model, always evaluated first
+BF16 = "bf16"  # the unquantized weights rounded to bfloat16 (activations keep --dtype)
 DEFAULT_RECIPES = (BASELINE, "int8-per-channel", "int8-g32-text", "gptq-int8-g32-text", "int8-attn-int4-rest-g128",
                    "gptq-int8-attn-int4-rest-g128-eora64", "int4-g32", "int4-g128", "gptq-int4-g128", "int3-g128")
 
@@ -68,9 +69,9 @@ def validate_recipes(names: Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("no recipes given")
     known = {**quant.PRESETS, **quant.CALIBRATED_PRESETS}
-    unknown = [n for n in names if n != BASELINE and n not in known]
+    unknown = [n for n in names if n not in (BASELINE, BF16) and n not in known]
     if unknown:
-        raise ValueError(f"unknown recipe(s) {unknown}; available: {[BASELINE, *sorted(known)]}")
+        raise ValueError(f"unknown recipe(s) {unknown}; available: {[BASELINE, BF16, *sorted(known)]}")
     return [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
 
 
@@ -122,6 +123,9 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
         t0 = time.perf_counter()
         if name == BASELINE:
             tree = params
+        elif name == BF16:
+            tree = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                params)
         elif name in quant.CALIBRATED_PRESETS:
             tree, _ = quant.gptq_quantize_model(cfg, params, name, calib, batch_size=batch_size)
         else:
@@ -135,8 +139,8 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
         if base_ppl is None:
             base_ppl = result.ppl
         row = Row(recipe=name,
-                  bits_per_weight=(bits.quantized_bits_per_weight if name != BASELINE
-                                   else jnp.dtype(dtype).itemsize * 8),
+                  bits_per_weight=(16.0 if name == BF16 else jnp.dtype(dtype).itemsize * 8.0 if name == BASELINE
+                                   else bits.quantized_bits_per_weight),
                   model_bits_per_weight=bits.total_bits_per_weight, size_mb=_disk_bytes(tree) / 1e6,
                   ppl=result.ppl, ppl_delta_pct=100.0 * (result.ppl / base_ppl - 1.0), quantize_s=tq, eval_s=te)
         if decode:
@@ -145,9 +149,11 @@ def run_ablation(model_dir: str | Path, recipes: Sequence[str], *, out_dir: str 
         log(f"[{i}/{len(recipes)}] {name:26s} ppl {row.ppl:9.4f} ({row.ppl_delta_pct:+7.3f}%)  "
             f"{row.bits_per_weight:5.2f} bits/w  {row.size_mb:8.2f} MB  quantize {tq:5.1f}s eval {te:5.1f}s")
         del tree
-    write_results(rows, out, meta={"model": str(model_dir), "split": split, "tokens": int(ids.size),
-                                   "seq_len": seq_len, "stride": stride, "dtype": str(jnp.dtype(dtype)),
-                                   "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")})
+        # rewritten after every recipe: an interrupted ablation keeps the rows it finished
+        write_results(rows, out, meta={"model": str(model_dir), "split": split, "tokens": int(ids.size),
+                                       "seq_len": seq_len, "stride": stride, "dtype": str(jnp.dtype(dtype)),
+                                       "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d"),
+                                       "complete": i == len(recipes)})
     return rows, out
 
 
@@ -242,7 +248,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="HF-layout model dir with a tokenizer (default: the built-in "
                    "small model, trained on first use)")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help=f"comma-separated recipe presets ('{BASELINE}' = unquantized); default: %(default)s")
+                   help=f"comma-separated recipe presets ('{BASELINE}' = unquantized, '{BF16}' = its weights rounded "
+                   "to bfloat16); default: %(default)s")
     p.add_argument("--corpus", default=None, help="directory of .rst.txt documents (default: built-in sample)")
     p.add_argument("--split", default="validation", choices=corpus.SPLITS)
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's training length (<= 2048)")
@@ -254,4 +261,4 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/ablate-MODEL-TIME)")
 
 
-__all__ = ["run_ablation", "markdown_table", "plot", "Row", "DEFAULT_RECIPES", "BASELINE"]
+__all__ = ["run_ablation", "markdown_table", "plot", "Row", "DEFAULT_RECIPES", "BASELINE", "BF16"]

@@ -157,15 +157,23 @@ def test_ablate_cli_writes_tables_and_plot(trained, tmp_path, capsys):
     from qwen35_jax import cli
 
     out, _, _ = trained
-    rc = cli.main(["ablate", "--model", str(out), "--recipes", "int8-per-channel,int4-g128", "--seq-len", "64",
-                   "--out", str(tmp_path / "abl")])
+    rc = cli.main(["ablate", "--model", str(out), "--recipes", "int8-per-channel,bf16,int4-g128", "--seq-len",
+                   "64", "--out", str(tmp_path / "abl")])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "| none |" in text and "| int4-g128 |" in text and "plot.png" in text
     import json
 
-    rows = {r["recipe"]: r for r in json.loads((tmp_path / "abl" / "results.json").read_text())["rows"]}
+    results = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert results["meta"]["complete"] is True
+    rows = {r["recipe"]: r for r in results["rows"]}
+    assert list(rows) == ["none", "int8-per-channel", "bf16", "int4-g128"]
     assert rows["none"]["ppl_delta_pct"] == 0.0
+    # bf16 weights: relative rounding error <= 2^-9 per weight, ~30x below int4 g128's (scale/sqrt(12) with
+    # scale = max|w|/7), so its perplexity change is the smaller one; half the fp32 bytes
+    assert rows["bf16"]["bits_per_weight"] == 16.0
+    assert abs(rows["bf16"]["ppl_delta_pct"]) < abs(rows["int4-g128"]["ppl_delta_pct"])
+    assert rows["bf16"]["size_mb"] < 0.55 * rows["none"]["size_mb"]
     # int8 per-channel: 8 bits + one fp16 scale per output row over K=128..256 inputs -> 8.06-8.13 bits
     assert 8.0 < rows["int8-per-channel"]["bits_per_weight"] < 8.2
     # int4 g128: 4 bits + 16/128 for the fp16 group scale = 4.125
