@@ -54,8 +54,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_json(path: str | None, payload: dict) -> None:
+def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
