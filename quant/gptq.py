@@ -198,17 +198,6 @@ def damped_inverse_factor(h, *, damp_percent: float = DEFAULT_DAMP, damp_increme
 # --------------------------------------------------------------------------------------------------
 
 
-def _block_width(block_size: int, group_size: int, k: int) -> int:
-    """The lazy-batch width actually used: every block holds whole groups (a multiple of the group
-    size) or lies inside one group (a divisor of it), so group starts are block starts or fall inside
-    a block at fixed offsets. Per-channel (one group) takes ``block_size`` as it is."""
-    if group_size == k or group_size == block_size:
-        return block_size
-    if group_size < block_size:
-        return group_size * (block_size // group_size)
-    return max(d for d in range(1, block_size + 1) if group_size % d == 0)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "sym", "order", "static_groups", "block_size",
                                              "scale_dtype", "clip", "norm", "grid", "maxshrink"))
 def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_size, scale_dtype, clip, norm,
@@ -219,19 +208,25 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
     scales/zeros ``[Gp, N]`` in the leaf's group order, the perm or None for an unpermuted leaf)
     and GPTQ's loss.
 
-    Both loops are ``fori_loop``s over fixed shapes (blocks of ``B`` columns, K padded to a multiple
+    Both loops are ``fori_loop``s over fixed shapes (blocks of ``B`` columns; K padded past a multiple
     of B with dead columns that U leaves untouched), so the program's size and its compilation do not
-    grow with K: a 17,408-column weight compiles like a 512-column one."""
+    grow with K: a 17,408-column weight compiles like a 512-column one. Any B works with any group
+    size, with GPTQModel's group-start semantics (module docstring, point 5)."""
     n, k = w.shape
     gs = group_size
     g = k // gs
     maxq = 2 ** bits - 1
     qp = dict(bits=bits, sym=sym, clip=clip, scale_dtype=scale_dtype, norm=norm, grid=grid, maxshrink=maxshrink)
-    bw = _block_width(block_size, gs, k)
+    bw = block_size
     nblocks = -(-k // bw)
     kp = nblocks * bw
-    per_block_groups = gs < bw  # groups start at fixed offsets inside every block (bw % gs == 0)
-    gp = kp // gs if per_block_groups else g  # group slots incl. groups of the padding
+    dynamic_groups = not (static_groups or gs == k)
+    # Groups starting in a block: at most m, at first, first + gs, ... (first = i1 rounded up to a group
+    # start); the m candidates are read as one [N, m, gs] slice and the ones starting at or after the
+    # block end (or K) are masked. Padding past kp keeps that slice in range without clamping.
+    m = -(-bw // gs)
+    kx = kp + (m + 1) * gs if dynamic_groups else kp  # columns incl. padding
+    gp = kx // gs + m + 1  # group slots incl. masked candidates
 
     d = jnp.diag(h)
     if order == "act_order":
@@ -256,30 +251,24 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
         col_group = jnp.arange(k) // gs
     # padding columns: weight 0, U rows/columns of the identity, so their error (weighted by U) reaches
     # no real column; their codes are dropped and their loss masked
-    wp = jnp.pad(wp, ((0, 0), (0, kp - k)))
-    up = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag((jnp.arange(kp) >= k).astype(F32))
-
-    col_group = jnp.pad(col_group, (0, kp - k))  # padding columns: any valid group (masked)
-    dynamic_groups = not (static_groups or gs == k)
+    wp = jnp.pad(wp, ((0, 0), (0, kx - k)))
+    up = jnp.pad(u, ((0, kx - k), (0, kx - k))) + jnp.diag((jnp.arange(kx) >= k).astype(F32))
+    col_group = jnp.pad(col_group, (0, kx - k))  # padding columns: any valid group (masked)
 
     def block(b, carry):
         wp, codes, scale_all, zero_all, loss = carry
         i1 = b * bw
         if dynamic_groups:  # parameters of the groups starting here, from W as it stands at block start
-            if per_block_groups:
-                wg = jax.lax.dynamic_slice_in_dim(wp, i1, bw, axis=1).reshape(n, bw // gs, gs)
-                s1, z1 = find_params(wg, **qp)
-                scale_all = jax.lax.dynamic_update_slice_in_dim(scale_all, s1[..., 0], i1 // gs, axis=1)
-                zero_all = jax.lax.dynamic_update_slice_in_dim(zero_all, z1[..., 0], i1 // gs, axis=1)
-            else:  # a group starts at this block iff i1 % gs == 0 (bw divides gs, and k)
-
-                def new_group(sz):
-                    wg = jax.lax.dynamic_slice_in_dim(wp, i1, gs, axis=1).reshape(n, 1, gs)
-                    s1, z1 = find_params(wg, **qp)
-                    return (jax.lax.dynamic_update_slice_in_dim(sz[0], s1[..., 0], i1 // gs, axis=1),
-                            jax.lax.dynamic_update_slice_in_dim(sz[1], z1[..., 0], i1 // gs, axis=1))
-
-                scale_all, zero_all = jax.lax.cond(i1 % gs == 0, new_group, lambda sz: sz, (scale_all, zero_all))
+            first = (i1 + gs - 1) // gs * gs
+            wg = jax.lax.dynamic_slice_in_dim(wp, first, m * gs, axis=1).reshape(n, m, gs)
+            s1, z1 = find_params(wg, **qp)
+            starts = first + gs * jnp.arange(m)
+            valid = (starts < jnp.minimum(i1 + bw, k))[None, :]
+            gi = first // gs
+            old_s = jax.lax.dynamic_slice_in_dim(scale_all, gi, m, axis=1)
+            old_z = jax.lax.dynamic_slice_in_dim(zero_all, gi, m, axis=1)
+            scale_all = jax.lax.dynamic_update_slice_in_dim(scale_all, jnp.where(valid, s1[..., 0], old_s), gi, axis=1)
+            zero_all = jax.lax.dynamic_update_slice_in_dim(zero_all, jnp.where(valid, z1[..., 0], old_z), gi, axis=1)
         cg = jax.lax.dynamic_slice_in_dim(col_group, i1, bw)
         col_scale = jnp.take(scale_all, cg, axis=1)  # [N, bw]
         col_zero = jnp.take(zero_all, cg, axis=1)
@@ -312,7 +301,7 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
                           preferred_element_type=F32)
         return wp, codes, scale_all, zero_all, loss + ls
 
-    init = (wp, jnp.zeros((n, kp), F32), scale_all, zero_all, jnp.zeros((), F32))
+    init = (wp, jnp.zeros((n, kx), F32), scale_all, zero_all, jnp.zeros((), F32))
     _, codes, scale_all, zero_all, loss = jax.lax.fori_loop(0, nblocks, block, init)
     codes = codes[:, :k]  # [N, K] in quantization order
     scale_all, zero_all = scale_all[:, :g], zero_all[:, :g]
