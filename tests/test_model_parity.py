@@ -17,7 +17,17 @@ import qwen35_jax as Q
 FP32_TOL = 1e-4
 # bf16: every activation is rounded to 8 mantissa bits (relative 2^-9 = 2e-3) at ~10 places per layer;
 # HF and XLA round at slightly different points (fused elementwise chains), so a few 1e-3 is typical.
-BF16_TOL = 2e-2
+# bf16 parameters on both sides: each computes in bf16 with float32 accumulation, rounding at nearly the
+# same points, so its error against the float32 model is a noise of the same size. The tests compare those
+# errors (ours vs transformers' own), not the two bf16 results with each other: their difference adds two
+# independent noises, and its max over 2 x T x vocab logits is a tail statistic that moved from 1.7e-2 to
+# 2.1e-2 between two x86 CPUs with the same code. RMS over all logits is stable: ours / theirs measured
+# 0.76-1.05 (4 configs, T in 1, 65, 200); 1.25 separates a systematically noisier bf16 path from rounding
+# luck. It does not resolve single rounding points (one extra bf16 rounding in every RMSNorm measured up to
+# 1.16); the float32 parity pins the formulas. The max is the tail of the same noise: within 2x (measured
+# 0.48-1.60).
+BF16_RMS_RATIO = 1.25
+BF16_MAX_RATIO = 2.0
 
 
 def _hf_logits(model, ids, mask=None):
@@ -28,6 +38,10 @@ def _hf_logits(model, ids, mask=None):
 
 def _rel_err(ours, ref):
     return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _rms_err(ours, ref):
+    return float(np.sqrt(np.mean((ours - ref) ** 2) / np.mean(ref ** 2)))
 
 
 CASES = [("gva3", "causal"), ("kdiffv_tied", "causal"), ("kdiffv_gva", "causal"),
@@ -72,7 +86,8 @@ def test_fp32_parity_padded_batch(hf_checkpoints, name, arch, side):
 
 @pytest.mark.parametrize("name,arch", CASES, ids=[f"{n}-{a}" for n, a in CASES])
 def test_bf16_parity(hf_checkpoints, name, arch):
-    """bf16 parameters on both sides. The max error bound holds everywhere. Argmax: transformers returns
+    """bf16 parameters on both sides: our error against the float32 model is no larger than transformers'
+    own bf16 error (BF16_RMS_RATIO, BF16_MAX_RATIO, reasoning above). Argmax: transformers returns
     bf16 logits, so at 2-3% of positions of these random models its own top two logits are EXACTLY tied
     (bf16 spacing is 0.125-0.25 at |logit| 20-40), and at ~1-2% more its bf16 argmax already differs
     from its float32 argmax: the model is ambiguous there at bf16 precision and the winner is decided
@@ -90,10 +105,14 @@ def test_bf16_parity(hf_checkpoints, name, arch):
         ids = rng.integers(0, cfg.text.vocab_size, size=(2, T))
         ours = np.asarray(Q.forward(cfg, params, ids))
         ref16 = _hf_logits(model_bf16, ids)
-        assert _rel_err(ours, ref16) < BF16_TOL, (T, _rel_err(ours, ref16))
+        ref32 = _hf_logits(model, ids)
+        rms = (_rms_err(ours, ref32), _rms_err(ref16, ref32))
+        assert rms[0] < BF16_RMS_RATIO * rms[1], (T, "rms error vs float32, ours / transformers bf16", rms)
+        mx = (_rel_err(ours, ref32), _rel_err(ref16, ref32))
+        assert mx[0] < BF16_MAX_RATIO * mx[1], (T, "max error vs float32, ours / transformers bf16", mx)
         ours_all.append(ours.reshape(-1, ours.shape[-1]))
         ref16_all.append(ref16.reshape(-1, ours.shape[-1]))
-        ref32_all.append(_hf_logits(model, ids).reshape(-1, ours.shape[-1]))
+        ref32_all.append(ref32.reshape(-1, ours.shape[-1]))
     ours, ref16, ref32 = (np.concatenate(a) for a in (ours_all, ref16_all, ref32_all))
     top2 = np.sort(ref16, axis=-1)[:, -2:]
     unambiguous = (top2[:, 1] > top2[:, 0]) & (ref16.argmax(-1) == ref32.argmax(-1))
