@@ -222,8 +222,9 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
     kp = nblocks * bw
     dynamic_groups = not (static_groups or gs == k)
     # Groups starting in a block: at most m, at first, first + gs, ... (first = i1 rounded up to a group
-    # start); the m candidates are read as one [N, m, gs] slice and the ones starting at or after the
-    # block end (or K) are masked. Padding past kp keeps that slice in range without clamping.
+    # start), read as one [N, m, gs] slice. Candidates that start after the block are written too: the
+    # block they start in rewrites them before any column reads them (those past K land in padding
+    # slots). Padding past kp keeps the slice in range without clamping.
     m = -(-bw // gs)
     kx = kp + (m + 1) * gs if dynamic_groups else kp  # columns incl. padding
     gp = kx // gs + m + 1  # group slots incl. masked candidates
@@ -262,13 +263,8 @@ def _gptq_arrays(w, h, u, *, bits, group_size, sym, order, static_groups, block_
             first = (i1 + gs - 1) // gs * gs
             wg = jax.lax.dynamic_slice_in_dim(wp, first, m * gs, axis=1).reshape(n, m, gs)
             s1, z1 = find_params(wg, **qp)
-            starts = first + gs * jnp.arange(m)
-            valid = (starts < jnp.minimum(i1 + bw, k))[None, :]
-            gi = first // gs
-            old_s = jax.lax.dynamic_slice_in_dim(scale_all, gi, m, axis=1)
-            old_z = jax.lax.dynamic_slice_in_dim(zero_all, gi, m, axis=1)
-            scale_all = jax.lax.dynamic_update_slice_in_dim(scale_all, jnp.where(valid, s1[..., 0], old_s), gi, axis=1)
-            zero_all = jax.lax.dynamic_update_slice_in_dim(zero_all, jnp.where(valid, z1[..., 0], old_z), gi, axis=1)
+            scale_all = jax.lax.dynamic_update_slice_in_dim(scale_all, s1[..., 0], first // gs, axis=1)
+            zero_all = jax.lax.dynamic_update_slice_in_dim(zero_all, z1[..., 0], first // gs, axis=1)
         cg = jax.lax.dynamic_slice_in_dim(col_group, i1, bw)
         col_scale = jnp.take(scale_all, cg, axis=1)  # [N, bw]
         col_zero = jnp.take(zero_all, cg, axis=1)

@@ -36,7 +36,7 @@ expected; the float-X metric isolates per-layer quality.
 Needs the peer venv and tiny_lm: ``PEERS_ROOT=/tmp/peers python ../shared/peers/peer_gptq.py --model lm
 --bits 4`` creates both (a few minutes). Time on 2 CPU cores: about 11 s per config for GPTQModel
 (cached in ``$PEERS_ROOT/out``; its first run ever also JIT-compiles a packer, ~40 s) and 10-15 s per
-config for ours; the four default configs took 112 s with ``--redo-peer`` (less with GPTQModel's
+config for ours; the four default configs took 136 s with ``--redo-peer`` (less with GPTQModel's
 outputs cached). Peak memory about 1.5 GB.
 """
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import os
 import re
@@ -225,41 +224,17 @@ def recipe_for(bits: int, group: int, order: str):
 
 
 def float_input_gram(cfg, params, ids, names) -> dict:
-    """``{path: X^T X}`` (float64 numpy) of each linear's input in the float model on ``ids``."""
-    import jax
+    """``{path: X^T X}`` (float64 numpy) of each linear's input in the float model on ``ids`` (the
+    calibration capture of ``quant.calibration``, run on the unquantized layers)."""
     import jax.numpy as jnp
     import numpy as np
 
     from qwen35_jax import layers as L
     from qwen35_jax.model import RuntimeOptions, default_position_ids
-    from quant.calibration import layer_forward
-
-    class Tap:  # stands in for a weight: x @ W^T, and keeps X^T X (what calibration's recorder does)
-        def __init__(self, w):
-            self.w, self.xtx = w, None
-
-        def apply_linear(self, x):
-            x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-            self.xtx = jnp.dot(x2.T, x2, precision=jax.lax.Precision.HIGHEST)
-            return L.linear(x, self.w)
-
-    def with_taps(lp, mods):
-        lp = {k: dict(v) if isinstance(v, dict) else v for k, v in lp.items()}
-        taps = {}
-        for m in mods:
-            blk, lin = m.split(".")
-            lp[blk][lin] = {**lp[blk][lin], "weight": Tap(lp[blk][lin]["weight"])}
-            taps[m] = lp[blk][lin]["weight"]
-        return lp, taps
+    from quant.calibration import _capture, _forward
 
     c = cfg.text
-
-    @functools.partial(jax.jit, static_argnames=("layer_type", "mods"))
-    def run_layer(lp, x, cos, sin, *, layer_type, mods):
-        lp, taps = with_taps(lp, mods)
-        y = layer_forward(c, layer_type, lp, x, cos, sin, RuntimeOptions())
-        return y, {m: t.xtx for m, t in taps.items()}
-
+    opts = RuntimeOptions()
     ids = jnp.asarray(ids, jnp.int32)
     embed = params["language_model"]["embed_tokens"]["weight"]
     x = jnp.take(embed, ids, axis=0)
@@ -269,10 +244,11 @@ def float_input_gram(cfg, params, ids, names) -> dict:
     for i in range(c.num_hidden_layers):
         prefix = f"language_model.layers.{i}."
         mods = tuple(p[len(prefix):-len(".weight")] for p in names if p.startswith(prefix))
-        x, grams = run_layer(params["language_model"]["layers"][i], x, cos, sin, layer_type=c.layer_types[i],
-                             mods=mods)
+        lp, kind = params["language_model"]["layers"][i], c.layer_types[i]
+        grams = _capture(lp, x, cos, sin, c=c, layer_type=kind, names=mods, options=opts) if mods else {}
         for m, g in grams.items():
             out[f"{prefix}{m}.weight"] = np.asarray(g, np.float64)
+        x = _forward(lp, x, cos, sin, c=c, layer_type=kind, options=opts)
     return out
 
 

@@ -15,11 +15,10 @@ import qwen35_jax as Q
 # hundred terms and from float32 transcendental functions (ulp ~6e-8, amplified through 4-5 layers
 # and the delta-rule recurrence): a few 1e-7 relative to the largest logit. 1e-4 is the acceptance bound.
 FP32_TOL = 1e-4
-# bf16: every activation is rounded to 8 mantissa bits (relative 2^-9 = 2e-3) at ~10 places per layer;
-# HF and XLA round at slightly different points (fused elementwise chains), so a few 1e-3 is typical.
-# bf16 parameters on both sides: each computes in bf16 with float32 accumulation, rounding at nearly the
-# same points, so its error against the float32 model is a noise of the same size. The tests compare those
-# errors (ours vs transformers' own), not the two bf16 results with each other: their difference adds two
+# bf16 parameters on both sides: every activation is rounded to 8 mantissa bits (relative 2^-9) at ~10
+# places per layer; each side accumulates in float32 and rounds at nearly the same points (HF and XLA
+# differ in fused elementwise chains), so its error against the float32 model is a noise of the same
+# size. The tests compare those errors (ours vs transformers' own), not the two bf16 results with each other: their difference adds two
 # independent noises, and its max over 2 x T x vocab logits is a tail statistic that moved from 1.7e-2 to
 # 2.1e-2 between two x86 CPUs with the same code. RMS over all logits is stable: ours / theirs measured
 # 0.76-1.05 (4 configs, T in 1, 65, 200); 1.25 separates a systematically noisier bf16 path from rounding
