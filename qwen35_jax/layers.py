@@ -194,22 +194,24 @@ def gated_attention(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, e
 
 
 def cached_attention(q, k_all, v_all, *, key_valid, q_slots):
-    """Attention of new queries q [B, T, H, Dh] over a slot-indexed cache k_all/v_all [B, S, KVH, Dh].
+    """Attention of new queries q [B, T, H, Dh] over a slot-indexed cache k_all/v_all [B, KVH, S, Dh].
     key_valid [B, S] marks real tokens; query t of row b (at slot q_slots[b, t]) sees slots <= its own.
     Softmax in float32; the probabilities meet V in V's dtype with float32 accumulation (flash-decoding
     numerics: decode reads the whole cache per token, and an f32 copy of it would double the traffic)."""
     B, T, H, Dh = q.shape
-    KVH = k_all.shape[2]
+    KVH = k_all.shape[1]
     G = H // KVH
     prec = precision_for(q.dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, KVH, G, Dh), k_all, precision=prec,
+    scores = jnp.einsum("btkgd,bksd->bkgts", q.reshape(B, T, KVH, G, Dh), k_all, precision=prec,
                         preferred_element_type=F32) * (Dh ** -0.5)
-    slots = jnp.arange(k_all.shape[1])
+    slots = jnp.arange(k_all.shape[2])
     allowed = key_valid[:, None, :] & (slots[None, None, :] <= q_slots[:, :, None])  # [B, T, S]
     scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all, precision=prec, preferred_element_type=F32)
-    return out.astype(q.dtype).reshape(B, T, H, Dh)
+    # the GEMM's natural output order, then a transpose of the (small) result: asking the einsum for
+    # "btkgd" directly hits an unimplemented bf16 x bf16 -> f32 dot on XLA's CPU backend
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_all, precision=prec, preferred_element_type=F32)
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -58,6 +58,25 @@ def _config(layers: int, tiny: bool) -> Q.ModelConfig:
     return Q.ModelConfig(text=text, vision=None, architecture="Qwen3_5ForCausalLM")
 
 
+def summarize(seconds: list[float], layer_types) -> tuple[list[dict], float | None]:
+    """Per layer type: the timed layers (all but the first of the type, which compiled the jitted
+    capture/forward functions) and their median; and the projected 64-layer time, None until every type
+    has a timed layer. Works on a run cut short (``seconds`` covers the layers finished so far)."""
+    rows, medians = [], {}
+    for kind, n_full in FULL_MODEL_LAYERS.items():
+        idx = [i for i, t in enumerate(layer_types) if t == kind and i < len(seconds)]
+        warm = [seconds[i] for i in idx[1:]]
+        if not warm:
+            continue
+        medians[kind] = statistics.median(warm)
+        rows.append({"layer type": kind, "layers timed": len(warm), "median_s": medians[kind],
+                     "min_s": min(warm), "max_s": max(warm), "first_s (compile)": seconds[idx[0]],
+                     "in 27B": n_full})
+    if len(medians) < len(FULL_MODEL_LAYERS):
+        return rows, None
+    return rows, sum(medians[k] * n for k, n in FULL_MODEL_LAYERS.items())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="gptq-int4-g128", help="a quant.CALIBRATED_PRESETS name")
@@ -93,8 +112,9 @@ def main(argv=None):
     def progress(done, total, s):
         seconds.append(s)
         print(f"layer {done - 1:3d} ({c.layer_types[done - 1]:16s}) {s:7.2f} s", flush=True)
-        write_json(args.json, {**meta, "complete": False, "layer_seconds": seconds, "peak_gb": peak_memory_gb()},
-                   quiet=True)
+        rows, projected_s = summarize(seconds, c.layer_types)
+        write_json(args.json, {**meta, "complete": False, "layer_seconds": seconds, "rows": rows,
+                               "projected_64_layer_s": projected_s, "peak_gb": peak_memory_gb()}, quiet=True)
 
     t0 = time.perf_counter()
     qparams, info = gptq_quantize_model(cfg, params, args.recipe, calib, batch_size=args.batch_size, progress=progress)
@@ -102,16 +122,11 @@ def main(argv=None):
     total_s = time.perf_counter() - t0
     summary = quant.average_bits(qparams)
 
-    rows, medians = [], {}
-    for kind, n_full in FULL_MODEL_LAYERS.items():
-        idx = [i for i, t in enumerate(c.layer_types) if t == kind]
-        warm = [seconds[i] for i in idx[1:]]  # idx[0] compiled the jitted capture/forward functions
-        medians[kind] = statistics.median(warm)
+    rows, projected_s = summarize(seconds, c.layer_types)
+    for row in rows:
+        idx = [i for i, t in enumerate(c.layer_types) if t == row["layer type"]]
         errs = [inf.output_error for p, inf in info.items() if int(p.split(".")[2]) in idx]
-        rows.append({"layer type": kind, "layers timed": len(warm), "median_s": medians[kind],
-                     "min_s": min(warm), "max_s": max(warm), "first_s (compile)": seconds[idx[0]],
-                     "in 27B": n_full, "median output_error": statistics.median(errs) if errs else None})
-    projected_s = sum(medians[k] * n for k, n in FULL_MODEL_LAYERS.items())
+        row["median output_error"] = statistics.median(errs) if errs else None
     print(f"\nGPTQ {args.recipe} at {shapes}, {args.calib_seqs} x {args.calib_len} calibration tokens "
           f"(batch {args.batch_size}); {device_info()}")
     print_table(rows, [("layer type", "layer type"), ("layers timed", "layers timed"), ("median_s", "median s"),

@@ -51,3 +51,55 @@ def test_bench_gptq_tiny(tmp_path):
     assert res["complete"] and res["shapes"] == "a tiny config" and len(res["layer_seconds"]) == 8
     assert res["bits_per_weight"] == 4.125  # int4 + one fp16 scale per 128 weights, no padding at K = 128/256
     assert {row["layer type"] for row in res["rows"]} == {"linear_attention", "full_attention"}
+
+
+def test_bench_gptq_summarize_cut_run():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_gptq
+    from qwen35_jax.config import make_layer_types
+
+    types = make_layer_types(12)  # 3 DeltaNet : 1 attention
+    # cut after layer 4: attention has only its compiling first layer (index 3), so no projection yet
+    rows, projected = bench_gptq.summarize([50.0, 2.0, 4.0, 30.0, 3.0], types)
+    assert projected is None and [r["layer type"] for r in rows] == ["linear_attention"]
+    assert rows[0]["layers timed"] == 3 and rows[0]["median_s"] == 3.0 and rows[0]["first_s (compile)"] == 50.0
+    rows, projected = bench_gptq.summarize([50.0, 2.0, 4.0, 30.0, 3.0, 3.0, 3.0, 5.0], types)
+    assert projected == 48 * 3.0 + 16 * 5.0
+
+
+def test_profile_decode_trace_summary(tmp_path):
+    """The Perfetto reader keeps only the device stream's complete events and unions overlapping ones."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import profile_decode
+
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name", "args": {"name": "Stream #14(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 1, "tid": 1, "ts": 0.0, "dur": 100.0, "name": "PjitFunction(_step)"},
+        {"ph": "X", "pid": 2, "tid": 8, "ts": 0.0, "dur": 100.0, "name": "an op annotation, not a kernel"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 10.0, "dur": 5.0, "name": "gemm_fusion_dot_1"},
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 12.0, "dur": 5.0, "name": "loop_add_fusion"},  # overlaps: union 10..17
+        {"ph": "X", "pid": 2, "tid": 7, "ts": 20.0, "dur": 1.0, "name": "wrapped_transpose"},
+    ]
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    xs, source = profile_decode.device_events(str(tmp_path))
+    assert sorted(e["name"] for e in xs) == ["gemm_fusion_dot_1", "loop_add_fusion", "wrapped_transpose"]
+    assert "GPU" in source and profile_decode.busy_time(xs) == 8.0
+    assert [profile_decode.kernel_kind(e["name"]) for e in xs] == ["matmul", "fusion", "copy/transpose"]
+
+
+def test_profile_decode_tiny(tmp_path):
+    out, hlo = tmp_path / "profile.json", tmp_path / "step.hlo"
+    r = _run(ROOT / "scripts" / "profile_decode.py", "--tiny", "--steps", "2", "--trace-steps", "1", "--hlo", hlo,
+             "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert res["wall_ms_per_step"] > 0 and res["weight_gb"] > 0
+    assert "HloModule" in hlo.read_text()

@@ -1,0 +1,191 @@
+"""Where a decode step's time goes: a device trace of the jitted greedy step, summarized per kernel.
+
+    python scripts/profile_decode.py --json out/profile_decode.json
+    python scripts/profile_decode.py --batch 8 --context 32768 --hlo out/step_hlo.txt
+    python scripts/profile_decode.py --tiny            # CPU smoke run (host events only)
+
+Builds the full-size Qwen3.5-27B with random bf16 weights (as ``bench_decode.py``), fills the caches at
+``--context``, times ``--steps`` plain greedy steps (synchronized), then records ``--trace-steps`` more
+under ``jax.profiler`` and reads the Perfetto trace back. Printed: wall time per step; the GPU's busy
+time per step (union of kernel intervals) and the idle gaps between kernels; kernels per step; the
+kernels grouped by kind (matmul, fusion, Pallas/Triton custom calls, copies) and the top kernels by
+total time; the weight bytes one step must read and the bandwidth that implies (wall and busy).
+``--hlo`` writes the optimized HLO of the step (to look for copies/transposes the trace points at).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qwen35_jax as Q
+from qwen35_jax import generation as G
+from qwen35_jax.model import flatten
+from qwen35_jax.sampling import get_preset
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_decode import random_state  # noqa: E402
+from benchlib import device_info, print_table, write_json  # noqa: E402
+
+_KINDS = (  # first match wins; names as XLA/cuBLAS/Triton give them
+    ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|sm90_|sm80_|xmma|matmul|dot", re.I)),
+    ("pallas/triton", re.compile(r"pallas|triton|custom", re.I)),
+    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+    ("reduction", re.compile(r"reduce|reduction", re.I)),
+    ("fusion", re.compile(r"fusion|loop_|input_", re.I)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pat in _KINDS:
+        if pat.search(name):
+            return kind
+    return "other"
+
+
+def weight_bytes(params) -> int:
+    """Bytes one decode step reads from the weights: everything but the embedding table (a gather of B
+    rows) and the MTP head (not used by a plain step)."""
+    total = 0
+    for name, leaf in flatten(params).items():
+        if "embed_tokens" in name or name.startswith("mtp"):
+            continue
+        total += leaf.size * leaf.dtype.itemsize
+    return total
+
+
+def device_events(trace_dir: str) -> tuple[list[dict], str]:
+    """Complete ('X') events of the accelerator's streams from the Perfetto trace jax wrote, and a
+    note saying which process/threads they came from."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(sorted(paths)[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = [pid for pid, name in procs.items() if re.search(r"GPU|device:", name) and "host" not in name.lower()]
+    if not gpu:
+        return [], f"no device process in the trace (processes: {sorted(procs.values())})"
+    pid = gpu[0]
+    streams = {key for key, name in threads.items() if key[0] == pid and re.search(r"stream", name, re.I)}
+    xs = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid
+          and (not streams or (e["pid"], e["tid"]) in streams)]
+    return xs, f"{procs[pid]}: threads {sorted(threads[k] for k in streams) or 'all'}"
+
+
+def busy_time(xs: list[dict]) -> float:
+    """Union length (us) of the event intervals."""
+    total, end = 0.0, -1e30
+    for e in sorted(xs, key=lambda e: e["ts"]):
+        s, t = e["ts"], e["ts"] + e.get("dur", 0.0)
+        if t <= end:
+            continue
+        total += t - max(s, end)
+        end = t
+    return total
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=16, help="timed steps (synchronized once at the end)")
+    ap.add_argument("--trace-steps", type=int, default=4)
+    ap.add_argument("--top", type=int, default=25, help="kernels listed by total time")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--hlo", default=None, help="write the step's optimized HLO here")
+    ap.add_argument("--trace-dir", default=None, help="keep the raw trace here (default: a temp dir)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    text = Q.qwen35_27b_text().text if not args.tiny else Q.tiny_text_config(mtp_num_hidden_layers=1)
+    cfg = Q.ModelConfig(text=text, vision=None, architecture="Qwen3_5ForCausalLM")
+    params = Q.random_params(cfg, dtype=jnp.bfloat16)
+    B, ctx = args.batch, args.context
+    state = random_state(cfg, B, ctx, G.cache_length(ctx, args.steps + args.trace_steps + 8, 3))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, min(240_000, text.vocab_size), B), jnp.int32)
+    done = jnp.zeros((B,), bool)
+    options, greedy, step = Q.RuntimeOptions(), get_preset("greedy"), G._jitted("step")
+
+    def one(carry):
+        tok, state, key = carry
+        key, sub = jax.random.split(key)
+        tok, state, _, _ = step(cfg, options, greedy, (), params, state, tok, sub, None, None, done)
+        return tok, state, key
+
+    carry = (tok, state, jax.random.key(0))
+    if args.hlo:
+        compiled = step.lower(cfg, options, greedy, (), params, state, tok, jax.random.key(1), None, None,
+                              done).compile()
+        with open(args.hlo, "w") as f:
+            f.write(compiled.as_text())
+        print(f"optimized HLO -> {args.hlo}", flush=True)
+    for _ in range(3):
+        carry = one(carry)
+    jax.block_until_ready(carry)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        carry = one(carry)
+    jax.block_until_ready(carry)
+    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="decode_trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(args.trace_steps):
+            carry = one(carry)
+        jax.block_until_ready(carry)
+    xs, source = device_events(trace_dir)
+    n = args.trace_steps
+    wbytes = weight_bytes(params)
+    result = {"batch": B, "context": ctx, "wall_ms_per_step": wall_ms, "weight_gb": wbytes / 1e9,
+              "wall_tb_s": wbytes / (wall_ms * 1e-3) / 1e12, "trace_source": source, "device": device_info()}
+    print(f"B={B} ctx={ctx}: {wall_ms:.3f} ms/step wall; weights read per step {wbytes / 1e9:.2f} GB "
+          f"-> {result['wall_tb_s']:.2f} TB/s", flush=True)
+    if xs:
+        span = (max(e["ts"] + e.get("dur", 0) for e in xs) - min(e["ts"] for e in xs)) / 1e3 / n
+        busy = busy_time(xs) / 1e3 / n
+        by_name = collections.defaultdict(lambda: [0.0, 0])
+        by_kind = collections.defaultdict(lambda: [0.0, 0])
+        for e in xs:
+            d = e.get("dur", 0.0)
+            by_name[e["name"]][0] += d
+            by_name[e["name"]][1] += 1
+            kind = kernel_kind(e["name"])
+            by_kind[kind][0] += d
+            by_kind[kind][1] += 1
+        result.update({"trace_span_ms_per_step": span, "busy_ms_per_step": busy, "idle_ms_per_step": span - busy,
+                       "kernels_per_step": len(xs) / n, "busy_tb_s": wbytes / (busy * 1e-3) / 1e12})
+        print(f"trace ({source}): span {span:.3f} ms/step, GPU busy {busy:.3f} ms, idle gaps {span - busy:.3f} ms, "
+              f"{len(xs) / n:.0f} kernels/step; weights at busy time {result['busy_tb_s']:.2f} TB/s")
+        kinds = [{"kind": k, "ms_per_step": v[0] / 1e3 / n, "kernels_per_step": v[1] / n,
+                  "us_per_kernel": v[0] / v[1]} for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])]
+        top = [{"name": k[:90], "ms_per_step": v[0] / 1e3 / n, "calls_per_step": v[1] / n, "us_per_call": v[0] / v[1]}
+               for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:args.top]]
+        result.update({"kinds": kinds, "top_kernels": top})
+        print_table(kinds, [("kind", "kind"), ("ms_per_step", "ms/step"), ("kernels_per_step", "kernels/step"),
+                            ("us_per_kernel", "us/kernel")])
+        print_table(top, [("name", "kernel"), ("ms_per_step", "ms/step"), ("calls_per_step", "calls/step"),
+                          ("us_per_call", "us/call")])
+    else:
+        print(f"no device kernels in the trace: {source}")
+    write_json(args.json, {"benchmark": "profile_decode", **result})
+
+
+if __name__ == "__main__":
+    main()
