@@ -11,7 +11,10 @@ public default dispatch: Pallas kernels, and XLA dequantize-then-bf16-dot from
 Timing: every sample runs ``copies`` calls in one jitted function, each on its own copy of the
 weights (together more than the L2 cache, so HBM and not the cache is measured; one dispatch, so
 host overhead is not), then synchronizes; a call's time is sample / copies, the median of
-``--reps`` samples after warm-up. Decode rows report GB/s of weight bytes (packed codes + scales,
+``--reps`` samples after warm-up. The dispatch and synchronization of a sample still land in that
+figure (divided by the 2 to 16 copies), so one more sample runs under ``jax.profiler`` and the
+``device us`` column gives the time the GPU was busy per call (all kernels of the call, split-K
+reductions included): the kernel time proper. Decode rows report GB/s of weight bytes (packed codes + scales,
 or bf16 / int8 weights), prefill rows TFLOP/s (2 M K N).
 """
 
@@ -33,7 +36,7 @@ from pallas_kernels.quant_matmul import kernel as qk
 from pallas_kernels.quant_matmul.kernel import Config
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from benchlib import device_info, print_table, write_json  # noqa: E402
+from benchlib import device_info, print_table, traced_device_us, write_json  # noqa: E402
 
 SHAPES = [(5120, 34816), (17408, 5120), (5120, 10240), (5120, 17408), (5120, 12288),
           (5120, 6144), (6144, 5120)]
@@ -47,7 +50,8 @@ CACHE_BYTES = 240e6  # > 4x the H200's L2 (60 MB): rotate weight copies beyond i
 
 
 def timed(fn, x, copies, reps):
-    """Median seconds per call of fn(x, *w) over the weight copies (see module docstring)."""
+    """Median and min wall seconds per call of fn(x, *w) over the weight copies (see module docstring),
+    and the device time per call from a trace of one more sample (None on a CPU)."""
     f = jax.jit(lambda x, ws: tuple(fn(x, *w) for w in ws))
     jax.block_until_ready(f(x, copies))  # compile + warm-up
     jax.block_until_ready(f(x, copies))
@@ -56,7 +60,8 @@ def timed(fn, x, copies, reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(x, copies))
         samples.append((time.perf_counter() - t0) / len(copies))
-    return statistics.median(samples), min(samples)
+    device = traced_device_us(lambda: jax.block_until_ready(f(x, copies)), len(copies))
+    return statistics.median(samples), min(samples), device
 
 
 def n_copies(nbytes):
@@ -115,9 +120,12 @@ def run_case(rows, k, n, m, method, fn, weights, nbytes, reps, config=None):
                           for i in range(n_copies(nbytes) - 1)]
     row = dict(K=k, N=n, M=m, method=method, config=_cfg_str(config))
     try:
-        t, tmin = timed(fn, x, copies, reps)
+        t, tmin, device = timed(fn, x, copies, reps)
         row.update(us=t * 1e6, us_min=tmin * 1e6, weight_GBps=nbytes / t / 1e9,
                    TFLOPs=2 * m * k * n / t / 1e12)
+        if device:
+            row.update(device_us=device["busy_us"], kernels=device["kernels"],
+                       device_GBps=nbytes / device["busy_us"] / 1e3)
     except Exception as e:  # a config Triton cannot compile (shared memory, registers) is a result too
         row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
         traceback.print_exc(limit=1)
@@ -138,7 +146,8 @@ def _print_row(r):
     if "error" in r:
         print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']} [{r['config']}]: {r['error']}", flush=True)
     else:
-        print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']} [{r['config']}]: {r['us']:.1f} us "
+        dev = f" (device {r['device_us']:.1f} us, {r['kernels']:.0f} kernels)" if "device_us" in r else ""
+        print(f"K={r['K']} N={r['N']} M={r['M']} {r['method']} [{r['config']}]: {r['us']:.1f} us{dev} "
               f"{r['weight_GBps']:.0f} GB/s {r['TFLOPs']:.1f} TFLOP/s", flush=True)
 
 
@@ -312,7 +321,8 @@ def main():
         write_json(args.json, {"device": info, "rows": rows})
 
     cols = [("K", "K"), ("N", "N"), ("M", "M"), ("method", "method"), ("config", "config"),
-            ("us", "us"), ("weight_GBps", "GB/s (weights)"), ("TFLOPs", "TFLOP/s"),
+            ("us", "us"), ("weight_GBps", "GB/s (weights)"), ("device_us", "device us"),
+            ("device_GBps", "GB/s at device us"), ("TFLOPs", "TFLOP/s"),
             ("vs_bf16", "x vs bf16"), ("error", "error")]
     if sweep_rows:
         print("\n## sweep")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
+import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from datetime import date
 
@@ -60,3 +65,54 @@ def write_json(path: str | None, payload: dict, quiet: bool = False) -> None:
             json.dump(payload, f, indent=2)
         if not quiet:
             print(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Device traces: kernel time as the GPU saw it, free of dispatch and synchronization overhead
+# --------------------------------------------------------------------------------------------------
+
+
+def device_events(trace_dir: str) -> tuple[list[dict], str]:
+    """Complete ('X') events of the accelerator's streams in the Perfetto trace ``jax.profiler`` wrote
+    under ``trace_dir``, and a note naming the process/threads they came from (no events on a CPU)."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(sorted(paths)[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = [pid for pid, name in procs.items() if re.search(r"GPU|device:", name) and "host" not in name.lower()]
+    if not gpu:
+        return [], f"no device process in the trace (processes: {sorted(procs.values())})"
+    pid = gpu[0]
+    streams = {key for key, name in threads.items() if key[0] == pid and re.search(r"stream", name, re.I)}
+    xs = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid
+          and (not streams or (e["pid"], e["tid"]) in streams)]
+    return xs, f"{procs[pid]}: threads {sorted(threads[k] for k in streams) or 'all'}"
+
+
+def busy_time(xs: list[dict]) -> float:
+    """Length (us) of the union of the events' intervals: the time the device was running anything."""
+    total, end = 0.0, -1e30
+    for e in sorted(xs, key=lambda e: e["ts"]):
+        s, t = e["ts"], e["ts"] + e.get("dur", 0.0)
+        if t <= end:
+            continue
+        total += t - max(s, end)
+        end = t
+    return total
+
+
+def traced_device_us(run, calls: int, trace_dir: str | None = None) -> dict | None:
+    """Runs ``run()`` (which must block until its work is done) once under ``jax.profiler`` and returns
+    the device time per call, ``run`` making ``calls`` calls: ``busy_us`` (union of kernel intervals),
+    ``kernels`` (kernel launches per call). None where the trace has no device stream (CPU)."""
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run()
+    xs, _ = device_events(trace_dir)
+    if not xs:
+        return None
+    return {"busy_us": busy_time(xs) / calls, "kernels": len(xs) / calls}

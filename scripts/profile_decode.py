@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import sys
@@ -39,7 +36,7 @@ from qwen35_jax.sampling import get_preset
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_decode import random_state  # noqa: E402
-from benchlib import device_info, print_table, write_json  # noqa: E402
+from benchlib import busy_time, device_events, device_info, print_table, write_json  # noqa: E402
 
 _KINDS = (  # first match wins; names as XLA/cuBLAS/Triton give them
     ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|sm90_|sm80_|xmma|matmul|dot", re.I)),
@@ -65,39 +62,6 @@ def weight_bytes(params) -> int:
         if "embed_tokens" in name or name.startswith("mtp"):
             continue
         total += leaf.size * leaf.dtype.itemsize
-    return total
-
-
-def device_events(trace_dir: str) -> tuple[list[dict], str]:
-    """Complete ('X') events of the accelerator's streams from the Perfetto trace jax wrote, and a
-    note saying which process/threads they came from."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True)
-    if not paths:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(sorted(paths)[-1]) as f:
-        events = json.load(f)["traceEvents"]
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    gpu = [pid for pid, name in procs.items() if re.search(r"GPU|device:", name) and "host" not in name.lower()]
-    if not gpu:
-        return [], f"no device process in the trace (processes: {sorted(procs.values())})"
-    pid = gpu[0]
-    streams = {key for key, name in threads.items() if key[0] == pid and re.search(r"stream", name, re.I)}
-    xs = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid
-          and (not streams or (e["pid"], e["tid"]) in streams)]
-    return xs, f"{procs[pid]}: threads {sorted(threads[k] for k in streams) or 'all'}"
-
-
-def busy_time(xs: list[dict]) -> float:
-    """Union length (us) of the event intervals."""
-    total, end = 0.0, -1e30
-    for e in sorted(xs, key=lambda e: e["ts"]):
-        s, t = e["ts"], e["ts"] + e.get("dur", 0.0)
-        if t <= end:
-            continue
-        total += t - max(s, end)
-        end = t
     return total
 
 

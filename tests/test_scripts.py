@@ -72,6 +72,7 @@ def test_profile_decode_trace_summary(tmp_path):
     import gzip
 
     sys.path.insert(0, str(ROOT / "scripts"))
+    import benchlib
     import profile_decode
 
     events = [
@@ -89,9 +90,9 @@ def test_profile_decode_trace_summary(tmp_path):
     d.mkdir(parents=True)
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    xs, source = profile_decode.device_events(str(tmp_path))
+    xs, source = benchlib.device_events(str(tmp_path))
     assert sorted(e["name"] for e in xs) == ["gemm_fusion_dot_1", "loop_add_fusion", "wrapped_transpose"]
-    assert "GPU" in source and profile_decode.busy_time(xs) == 8.0
+    assert "GPU" in source and benchlib.busy_time(xs) == 8.0
     assert [profile_decode.kernel_kind(e["name"]) for e in xs] == ["matmul", "fusion", "copy/transpose"]
 
 
@@ -103,3 +104,13 @@ def test_profile_decode_tiny(tmp_path):
     res = json.loads(out.read_text())
     assert res["wall_ms_per_step"] > 0 and res["weight_gb"] > 0
     assert "HloModule" in hlo.read_text()
+
+
+def test_bench_quant_matmul_smoke(tmp_path):
+    """Tiny shapes through the Pallas interpreter: every method gives a time (the device-time column
+    stays empty on a CPU, where the trace has no device stream)."""
+    out = tmp_path / "qmm.json"
+    r = _run(ROOT / "scripts" / "bench_quant_matmul.py", "--smoke", "--reps", "1", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all("error" not in row and row["us"] > 0 and "device_us" not in row for row in rows), rows
