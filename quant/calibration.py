@@ -34,12 +34,9 @@ import numpy as np
 from qwen35_jax import layers as L
 from qwen35_jax.config import FULL_ATTENTION, ModelConfig
 from qwen35_jax.model import Attention, GatedDeltaNet, RuntimeOptions, default_position_ids
-from quant.gptq import HessianAccumulator, gptq_quantize
+from quant.gptq import HessianAccumulator, _xtx, gptq_quantize
 from quant.quantize import build, path_string, walk
 from quant.recipes import METHODS, Recipe, get_recipe, plan
-
-F32 = jnp.float32
-HI = jax.lax.Precision.HIGHEST
 
 # true-sequential subsets (GPTQModel module trees: a subset index per module)
 ATTENTION_SUBSETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -47,6 +44,16 @@ ATTENTION_SUBSETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
 DELTANET_SUBSETS = (("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
                      "linear_attn.in_proj_a"), ("linear_attn.out_proj",),
                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def _shared_input_groups(names: tuple[str, ...], layer_type: str) -> list[tuple[str, ...]]:
+    """``names`` partitioned into groups of linears that read the same input: the true-sequential
+    subsets (q/k/v; in_proj_*; gate/up; each other linear alone), whether or not the quantization
+    itself runs true-sequential."""
+    subsets = ATTENTION_SUBSETS if layer_type == FULL_ATTENTION else DELTANET_SUBSETS
+    groups = [tuple(n for n in subset if n in names) for subset in subsets]
+    grouped = {n for g in groups for n in g}
+    return [g for g in groups if g] + [(n,) for n in names if n not in grouped]
 
 
 class _Recorder:
@@ -57,8 +64,7 @@ class _Recorder:
         self.xtx = None
 
     def apply_linear(self, x):
-        x2 = x.reshape(-1, x.shape[-1]).astype(F32)
-        self.xtx = jnp.dot(x2.T, x2, precision=HI, preferred_element_type=F32)
+        self.xtx = _xtx(x)
         return L.linear(x, self.w)
 
     def dequantize(self):  # never called; makes the recorder look like a weight leaf
@@ -196,11 +202,17 @@ def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str,
                 continue
             need_h = tuple(n for n in todo if METHODS[assignments[f"{prefix}{i}.{n}.weight"].rule.method]
                            .needs_calibration)
-            accs = {n: HessianAccumulator(_get(lp, n)["weight"].shape[1]) for n in need_h}
-            if need_h:
+            # Linears that read the same input share one X^T X: captured once (for the first of them)
+            # into one accumulator object.
+            groups = _shared_input_groups(need_h, layer_type)
+            accs = {}
+            for group in groups:
+                accs.update(dict.fromkeys(group, HessianAccumulator(_get(lp, group[0])["weight"].shape[1])))
+            heads = tuple(group[0] for group in groups)
+            if heads:
                 for x, (cos, sin) in zip(xs, rope):
-                    xtx = _capture(lp, x, cos, sin, c=c, layer_type=layer_type, names=need_h, options=options)
-                    for n in need_h:
+                    xtx = _capture(lp, x, cos, sin, c=c, layer_type=layer_type, names=heads, options=options)
+                    for n in heads:
                         accs[n].add_xtx(xtx[n], x.shape[0] * x.shape[1], x.shape[0])
             for n in todo:
                 path = f"{prefix}{i}.{n}.weight"
