@@ -25,7 +25,7 @@ from quant.rtn import find_params, rtn_quantize
 from quant.quantize import dequantize_params, quantize_params
 from quant.io import load, read_meta, register_leaf_type, save
 from quant.gptq import GPTQInfo, GPTQWarning, HessianAccumulator, gptq_quantize, hessian, output_error
-from quant.eora import eora, eora_factors
+from quant.eora import eigen_basis, eora, eora_factors
 from quant.recipes import CALIBRATED_PRESETS
 from quant.calibration import gptq_quantize_model
 
@@ -39,7 +39,7 @@ __all__ = [
     "rtn_quantize", "find_params", "quantize_params", "dequantize_params",
     # GPTQ, EoRA, calibration
     "gptq_quantize", "GPTQInfo", "GPTQWarning", "HessianAccumulator", "hessian", "output_error", "eora",
-    "eora_factors", "gptq_quantize_model", "CALIBRATED_PRESETS",
+    "eora_factors", "eigen_basis", "gptq_quantize_model", "CALIBRATED_PRESETS",
     # I/O
     "save", "load", "read_meta", "register_leaf_type",
 ]

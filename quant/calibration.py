@@ -209,6 +209,7 @@ def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str,
             for group in groups:
                 accs.update(dict.fromkeys(group, HessianAccumulator(_get(lp, group[0])["weight"].shape[1])))
             heads = tuple(group[0] for group in groups)
+            bases = {}
             if heads:
                 for x, (cos, sin) in zip(xs, rope):
                     xtx = _capture(lp, x, cos, sin, c=c, layer_type=layer_type, names=heads, options=options)
@@ -224,9 +225,13 @@ def gptq_quantize_model(cfg: ModelConfig, params: Mapping, recipe: Recipe | str,
                     leaf, inf = gptq_quantize(w, accs[n].hessian, n_samples=accs[n].n, name=path,
                                               return_info=True, **settings)
                     if rank:
-                        from quant.eora import eora
+                        from quant.eora import eigen_basis, eora
 
-                        leaf = eora(w, leaf, accs[n].hessian, int(rank), lora_dtype=eora_dtype)
+                        # one eigendecomposition per shared input (id: the group's one accumulator)
+                        if id(accs[n]) not in bases:
+                            bases[id(accs[n])] = eigen_basis(accs[n].hessian)
+                        leaf = eora(w, leaf, accs[n].hessian, int(rank), lora_dtype=eora_dtype,
+                                    basis=bases[id(accs[n])])
                     info[path] = inf
                 else:
                     leaf = METHODS[a.rule.method].quantize(w, name=path, calibration=None, **a.settings)

@@ -274,6 +274,20 @@ def test_tiny_model_gptq_from_calibration_beats_rtn(numpy_params):
     # structure to exploit, so the gain is modest; the assertion is only the ordering)
     assert rel(Q.forward(cfg, q, ids)) < rel(Q.forward(cfg, r, ids))
 
+    # EoRA through the calibration path (one eigendecomposition per shared input): every GPTQ leaf
+    # carries a rank-16 adapter, and the adapters lower the error of the same GPTQ codes
+    e, _ = quant.gptq_quantize_model(cfg, params, Recipe([Rule(quant.TEXT_LINEARS, "gptq", bits=4, group_size=32,
+                                                               eora_rank=16)]),
+                                     calib, batch_size=4, options=Q.model.RuntimeOptions(gated_delta="naive"))
+    e_leaves = [v for k, v in Q.flatten(e).items() if re.fullmatch(quant.TEXT_LINEARS, k)]
+    assert all(v.lora_rank == 16 for v in e_leaves)
+    for a, b in zip(leaves, e_leaves):  # the first layer sees the same inputs, so the same codes
+        if a.packed.shape == b.packed.shape and bool(jnp.all(a.packed == b.packed)):
+            break
+    else:
+        raise AssertionError("no GPTQ leaf kept its codes when EoRA was added")
+    assert rel(Q.forward(cfg, e, ids)) < rel(Q.forward(cfg, q, ids))
+
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_xtx_accumulates_in_float32(dtype):
@@ -329,3 +343,21 @@ def test_calibration_groups_share_one_input(numpy_params):
                 assert firsts[a].shape != firsts[b].shape or not np.allclose(firsts[a], firsts[b])
         # a name outside every subset is its own group
         assert _shared_input_groups(("mlp.up_proj", "extra.proj"), layer_type) == [("mlp.up_proj",), ("extra.proj",)]
+
+
+def test_eora_shared_basis_equals_own(data):
+    """Linears with one input share the eigendecomposition: a precomputed basis gives the factors the
+    per-call one does (the same float32 program on the same covariance), and a basis of another
+    width or with the float64 path is an error."""
+    from quant.eora import eigen_basis, eora_factors
+
+    _, w, h, _ = data
+    leaf = gptq_quantize(w, h, bits=4, group_size=32, block_size=B)
+    wq = leaf.dequantize()
+    basis = eigen_basis(h)
+    for got, own in zip(eora_factors(w, wq, h, 16, basis=basis), eora_factors(w, wq, h, 16)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(own))
+    with pytest.raises(ValueError, match="basis shapes"):
+        eora_factors(w, wq, h, 16, basis=eigen_basis(h[:64, :64]))
+    with pytest.raises(ValueError, match="float64"):
+        eora_factors(w, wq, h, 16, basis=basis, compute_dtype="float64")
