@@ -108,11 +108,15 @@ def busy_time(xs: list[dict]) -> float:
 def traced_device_us(run, calls: int, trace_dir: str | None = None) -> dict | None:
     """Runs ``run()`` (which must block until its work is done) once under ``jax.profiler`` and returns
     the device time per call, ``run`` making ``calls`` calls: ``busy_us`` (union of kernel intervals),
-    ``kernels`` (kernel launches per call). None where the trace has no device stream (CPU)."""
+    ``kernels`` (kernel launches per call), ``by_name`` ({kernel name: us per call}). None where the
+    trace has no device stream (CPU)."""
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="trace_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run()
     xs, _ = device_events(trace_dir)
     if not xs:
         return None
-    return {"busy_us": busy_time(xs) / calls, "kernels": len(xs) / calls}
+    by_name: dict[str, float] = {}
+    for e in xs:
+        by_name[e["name"]] = by_name.get(e["name"], 0.0) + e.get("dur", 0.0) / calls
+    return {"busy_us": busy_time(xs) / calls, "kernels": len(xs) / calls, "by_name": by_name}

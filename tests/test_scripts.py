@@ -114,3 +114,15 @@ def test_bench_quant_matmul_smoke(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert rows and all("error" not in row and row["us"] > 0 and "device_us" not in row for row in rows), rows
+
+
+def test_bench_gated_delta_decode_cpu(tmp_path):
+    """The decode section on a CPU: the XLA step is timed (one call and per layer in a jit); the Pallas
+    variant reports that it needs a GPU instead of stopping the script."""
+    out = tmp_path / "gd.json"
+    r = _run(ROOT / "scripts" / "bench_gated_delta.py", "--prefill", "", "--decode", "1", "--layers", "2",
+             "--reps", "1", "--decode-impls", "16:1", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    impls = [row["impl"] for row in json.loads(out.read_text())["rows"]]
+    assert impls == ["ours XLA step (one call)", "ours XLA step (2 layers in one jit, per layer)"], impls
+    assert "pallas BV=16 warps=1 decode B=1 failed" in r.stdout
