@@ -2,9 +2,9 @@
 
 Every full-attention layer keeps a preallocated KV cache [B, KVH, S, Dh] (keys after k_norm and RoPE,
 as transformers stores them; heads before slots so the decode GEMMs see (B, KVH) as leading batch dims
-and read the cache in place: a [B, S, KVH, Dh] cache made XLA transpose the whole cache every step once
-B > 1, 19 of 41 ms per step at batch 8 x 32k on the H200); every Gated DeltaNet layer keeps its conv window (the last W-1 raw
-``in_proj_qkv`` outputs, [B, W-1, C]) and its float32 recurrent state [B, Hv, K, V]. Slots of the KV
+and read the cache in place: a [B, S, KVH, Dh] cache made XLA transpose the whole cache every step
+once B > 1, 19 of 41 ms per step at batch 8 x 32k on the H200); every Gated DeltaNet layer keeps its
+conv window (the last W-1 raw ``in_proj_qkv`` outputs, [B, W-1, C]) and its float32 recurrent state [B, Hv, K, V]. Slots of the KV
 cache are token positions of the (left-padded) batch; ``DecodeState`` tracks, per row, how many slots
 hold real tokens, so rows may advance by different amounts (speculative decoding).
 
@@ -31,8 +31,8 @@ _FP8_MAX = 448.0
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys/values of one attention layer. ``k``/``v`` are [B, KVH, S, Dh]; ``k_scale``/``v_scale`` are [B, KVH, S] float32 when the
-    cache is quantized, else None."""
+    """Keys/values of one attention layer. ``k``/``v`` are [B, KVH, S, Dh]; ``k_scale``/``v_scale`` are
+    [B, KVH, S] float32 when the cache is quantized, else None."""
 
     k: jax.Array
     v: jax.Array

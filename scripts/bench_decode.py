@@ -53,8 +53,28 @@ def random_state(cfg, batch, context, max_len, *, layer_types=None, seed=0) -> D
     return state.replace(layers=tuple(layers), length=length)
 
 
+def first_tokens(cfg, batch):
+    """Random token ids [batch] to start decoding from (below the 27B's 248,320 real tokens)."""
+    return jnp.asarray(np.random.default_rng(0).integers(0, min(240_000, cfg.text.vocab_size), batch), jnp.int32)
+
+
+def greedy_stepper(cfg, params, options, batch):
+    """``one(carry) -> carry`` with carry ``(tokens [B], DecodeState, key)``: the jitted greedy decode
+    step of ``qwen35_jax.generation`` (one token forward, sampling, the state donated and updated)."""
+    step, greedy, done = G._jitted("step"), get_preset("greedy"), jnp.zeros((batch,), bool)
+
+    def one(carry):
+        tok, state, key = carry
+        key, sub = jax.random.split(key)
+        tok, state, _, _ = step(cfg, options, greedy, (), params, state, tok, sub, None, None, done)
+        return tok, state, key
+
+    return one
+
+
 def time_steps(fn, carry, n):
-    """Run ``carry = fn(carry)`` n times after 2 warm-ups; seconds per call (one sync at the end)."""
+    """Run ``carry = fn(carry)`` n times after 2 warm-ups: (seconds per call, one sync at the end; the
+    last carry, as ``fn`` donates the state it is given)."""
     for _ in range(2):
         carry = fn(carry)
     jax.block_until_ready(carry)
@@ -62,7 +82,7 @@ def time_steps(fn, carry, n):
     for _ in range(n):
         carry = fn(carry)
     jax.block_until_ready(carry)
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, carry
 
 
 def main(argv=None):
@@ -81,24 +101,15 @@ def main(argv=None):
     jax.block_until_ready(params)
     print(f"{Q.count_params(params) / 1e9:.2f} B parameters (with MTP) in {time.perf_counter() - t0:.1f} s", flush=True)
     options = Q.RuntimeOptions()
-    greedy = get_preset("greedy")
     rows = []
     for case in args.cases.split(","):
         B, ctx = map(int, case.split("x"))
         max_len = G.cache_length(ctx, args.steps + 8, 3)
         try:
             state = random_state(cfg, B, ctx, max_len)
-            tok = jnp.asarray(np.random.default_rng(0).integers(0, min(240_000, text.vocab_size), B), jnp.int32)
-            done = jnp.zeros((B,), bool)
-            step = G._jitted("step")
-
-            def one(carry):
-                tok, state, key = carry
-                key, sub = jax.random.split(key)
-                tok, state, _, _ = step(cfg, options, greedy, (), params, state, tok, sub, None, None, done)
-                return tok, state, key
-
-            t = time_steps(one, (tok, state, jax.random.key(0)), args.steps)
+            tok = first_tokens(cfg, B)
+            one = greedy_stepper(cfg, params, options, B)
+            t, _ = time_steps(one, (tok, state, jax.random.key(0)), args.steps)
             row = {"batch": B, "context": ctx, "mode": "plain", "ms_per_step": t * 1e3, "tok_s": B / t,
                    "hf_tok_s": HF_ANCHOR_TOK_S if (B, ctx) == (1, 512) else None, "peak_gb": peak_memory_gb()}
             rows.append(row)
@@ -119,7 +130,7 @@ def main(argv=None):
                     _, _, last, drafts, state, mtp_state = rnd(cfg, options, K, params, state, mtp_state, last, drafts)
                     return last, drafts, state, mtp_state
 
-                t = time_steps(one_round, (tok, drafts, state, mtp_state), max(8, args.steps // 4))
+                t, _ = time_steps(one_round, (tok, drafts, state, mtp_state), max(8, args.steps // 4))
                 plain = rows[-1]["ms_per_step"] if rows[-1]["mode"] == "plain" else None
                 row = {"batch": B, "context": ctx, "mode": f"MTP K={K}", "ms_per_step": t * 1e3,
                        "verify_cost_x_plain": t * 1e3 / plain if plain else None,

@@ -93,6 +93,15 @@ def device_events(trace_dir: str) -> tuple[list[dict], str]:
     return xs, f"{procs[pid]}: threads {sorted(threads[k] for k in streams) or 'all'}"
 
 
+def trace_events(run, trace_dir: str | None = None) -> tuple[list[dict], str]:
+    """Runs ``run()`` (which must block until its work is done) once under ``jax.profiler`` and returns
+    :func:`device_events` of the trace (kept in ``trace_dir``; default a temporary directory)."""
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run()
+    return device_events(trace_dir)
+
+
 def busy_time(xs: list[dict]) -> float:
     """Length (us) of the union of the events' intervals: the time the device was running anything."""
     total, end = 0.0, -1e30
@@ -110,10 +119,7 @@ def traced_device_us(run, calls: int, trace_dir: str | None = None) -> dict | No
     the device time per call, ``run`` making ``calls`` calls: ``busy_us`` (union of kernel intervals),
     ``kernels`` (kernel launches per call), ``by_name`` ({kernel name: us per call}). None where the
     trace has no device stream (CPU)."""
-    trace_dir = trace_dir or tempfile.mkdtemp(prefix="trace_")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        run()
-    xs, _ = device_events(trace_dir)
+    xs, _ = trace_events(run, trace_dir)
     if not xs:
         return None
     by_name: dict[str, float] = {}

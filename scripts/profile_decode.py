@@ -20,14 +20,11 @@ import collections
 import os
 import re
 import sys
-import tempfile
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import qwen35_jax as Q
 from qwen35_jax import generation as G
@@ -35,12 +32,12 @@ from qwen35_jax.model import flatten
 from qwen35_jax.sampling import get_preset
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import random_state  # noqa: E402
-from benchlib import busy_time, device_events, device_info, print_table, write_json  # noqa: E402
+from bench_decode import first_tokens, greedy_stepper, random_state, time_steps  # noqa: E402
+from benchlib import busy_time, device_info, print_table, trace_events, write_json  # noqa: E402
 
 _KINDS = (  # first match wins; names as XLA/cuBLAS/Triton give them
     ("matmul", re.compile(r"gemm|gemv|cublas|cutlass|sm90_|sm80_|xmma|matmul|dot", re.I)),
-    ("pallas/triton", re.compile(r"pallas|triton|custom", re.I)),
+    ("triton/custom call", re.compile(r"pallas|triton|custom", re.I)),  # XLA Triton fusions too
     ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
     ("reduction", re.compile(r"reduce|reduction", re.I)),
     ("fusion", re.compile(r"fusion|loop_|input_", re.I)),
@@ -83,38 +80,26 @@ def main(argv=None):
     params = Q.random_params(cfg, dtype=jnp.bfloat16)
     B, ctx = args.batch, args.context
     state = random_state(cfg, B, ctx, G.cache_length(ctx, args.steps + args.trace_steps + 8, 3))
-    tok = jnp.asarray(np.random.default_rng(0).integers(0, min(240_000, text.vocab_size), B), jnp.int32)
-    done = jnp.zeros((B,), bool)
-    options, greedy, step = Q.RuntimeOptions(), get_preset("greedy"), G._jitted("step")
-
-    def one(carry):
-        tok, state, key = carry
-        key, sub = jax.random.split(key)
-        tok, state, _, _ = step(cfg, options, greedy, (), params, state, tok, sub, None, None, done)
-        return tok, state, key
-
-    carry = (tok, state, jax.random.key(0))
+    tok = first_tokens(cfg, B)
+    options = Q.RuntimeOptions()
     if args.hlo:
-        compiled = step.lower(cfg, options, greedy, (), params, state, tok, jax.random.key(1), None, None,
-                              done).compile()
+        compiled = G._jitted("step").lower(cfg, options, get_preset("greedy"), (), params, state, tok,
+                                           jax.random.key(1), None, None, jnp.zeros((B,), bool)).compile()
         with open(args.hlo, "w") as f:
             f.write(compiled.as_text())
         print(f"optimized HLO -> {args.hlo}", flush=True)
-    for _ in range(3):
-        carry = one(carry)
-    jax.block_until_ready(carry)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        carry = one(carry)
-    jax.block_until_ready(carry)
-    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    one = greedy_stepper(cfg, params, options, B)
+    wall, carry = time_steps(one, (tok, state, jax.random.key(0)), args.steps)
+    wall_ms = wall * 1e3
 
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="decode_trace_")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    held = [carry]
+
+    def traced():
         for _ in range(args.trace_steps):
-            carry = one(carry)
-        jax.block_until_ready(carry)
-    xs, source = device_events(trace_dir)
+            held[0] = one(held[0])
+        jax.block_until_ready(held[0])
+
+    xs, source = trace_events(traced, args.trace_dir)
     n = args.trace_steps
     wbytes = weight_bytes(params)
     result = {"batch": B, "context": ctx, "wall_ms_per_step": wall_ms, "weight_gb": wbytes / 1e9,

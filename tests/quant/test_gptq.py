@@ -347,8 +347,9 @@ def test_calibration_groups_share_one_input(numpy_params):
 
 def test_eora_shared_basis_equals_own(data):
     """Linears with one input share the eigendecomposition: a precomputed basis gives the factors the
-    per-call one does (the same float32 program on the same covariance), and a basis of another
-    width or with the float64 path is an error."""
+    per-call one does (the same float32 program on the same covariance), the factors come from the
+    basis given (another covariance's basis changes them), and a basis of another width or with the
+    float64 path is an error."""
     from quant.eora import eigen_basis, eora_factors
 
     _, w, h, _ = data
@@ -357,6 +358,9 @@ def test_eora_shared_basis_equals_own(data):
     basis = eigen_basis(h)
     for got, own in zip(eora_factors(w, wq, h, 16, basis=basis), eora_factors(w, wq, h, 16)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(own))
+    other = eigen_basis(jnp.eye(K, dtype=jnp.float32))  # plain SVD of the error: different factors
+    a_other, _ = eora_factors(w, wq, h, 16, basis=other)
+    assert not np.allclose(np.asarray(a_other), np.asarray(eora_factors(w, wq, h, 16)[0]), rtol=1e-2, atol=1e-6)
     with pytest.raises(ValueError, match="basis shapes"):
         eora_factors(w, wq, h, 16, basis=eigen_basis(h[:64, :64]))
     with pytest.raises(ValueError, match="float64"):
