@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen35_jax.layers import FUSED_PROJECTIONS
 from quant.leaves import SCALE_DTYPES, SUPPORTED_BITS, dtype_name, is_quantized, normalize_group_size
 
 
@@ -286,6 +287,10 @@ def plan(flat: Mapping[str, Any], recipe: Recipe, *, calibration=None) -> dict[s
     parameters to quantize. Raises :class:`RecipeError` listing every problem: rules that select no
     parameter, rules with a method that match a non-linear or already quantized leaf, settings a
     parameter cannot take (e.g. a group size not dividing its input dim), missing calibration."""
+    fused = [path for path in flat if path.split(".")[-2:][0] in FUSED_PROJECTIONS]
+    if fused:
+        raise RecipeError(f"{fused[0]} is a fused projection (model.fuse_projections), a decode layout: quantize "
+                          f"the separate layout (model.unfuse_projections gives it back), then decode with it")
     problems: list[str] = []
     won = [[] for _ in recipe.rules]
     matched_any = [False] * len(recipe.rules)

@@ -31,10 +31,13 @@ from qwen35_jax.model import (
     abstract_params,
     count_params,
     flatten,
+    fuse_projections,
+    is_fused,
     param_axes,
     param_specs,
     random_params,
     unflatten,
+    unfuse_projections,
 )
 from qwen35_jax.safetensors_io import CheckpointError
 from qwen35_jax.generation import GenerationResult, generate
@@ -53,7 +56,7 @@ __all__ = [
     # richer API
     "hidden_states", "load_params", "save_params", "LoadResult", "hf_state_dict", "to_hf_name", "from_hf_name",
     "RuntimeOptions", "Qwen35", "abstract_model", "abstract_params", "param_specs", "param_axes",
-    "random_params", "count_params", "flatten", "unflatten",
+    "random_params", "count_params", "flatten", "unflatten", "fuse_projections", "unfuse_projections", "is_fused",
     # configuration
     "ModelConfig", "TextConfig", "VisionConfig", "ConfigError", "CheckpointError", "load_config",
     "config_from_hf_dict", "config_to_hf_dict", "make_layer_types", "qwen35_27b", "qwen35_27b_text",

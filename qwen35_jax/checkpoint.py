@@ -166,9 +166,10 @@ def load_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *, sharding: Sha
 
 
 def hf_state_dict(cfg: ModelConfig, params: Mapping) -> dict[str, Any]:
-    """``{hf name: array}`` for every parameter in ``params`` (float leaves only)."""
+    """``{hf name: array}`` for every parameter in ``params`` (float leaves only; fused projections are
+    split back into the HF names)."""
     out = {}
-    for name, leaf in M.flatten(params).items():
+    for name, leaf in M.flatten(M.unfuse_projections(cfg, params)).items():
         if not hasattr(leaf, "shape") or hasattr(leaf, "apply_linear"):
             raise CheckpointError(
                 f"parameter {name!r} is a {type(leaf).__name__}, not a float array: the HF float layout cannot "

@@ -111,6 +111,8 @@ def cmd_generate(args) -> int:
             ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
+    # the weights are ours (just loaded): the decode layout, freeing the separate arrays as it goes
+    params = Q.fuse_projections(params, delete_inputs=True)
     generated: list[int] = []
     printed = ""
 

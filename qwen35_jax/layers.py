@@ -43,6 +43,34 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
+# Linears that read the same input, and the name of the one weight that model.fuse_projections makes
+# of them (their [out, in] weights stacked along out, in this order). A fused weight is one matmul
+# instead of two to four: at decode, where every projection is a weight-bandwidth-bound GEMV, one
+# bigger GEMV fills the GPU better (see model.fuse_projections for the measured difference).
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "in_proj_qkvzba": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+def grouped_linear(x: jax.Array, p, fused: str, sizes: int | tuple[int, ...]) -> list[jax.Array]:
+    """The outputs of the projections ``FUSED_PROJECTIONS[fused]`` of ``x``: one matmul split into
+    ``sizes`` (output widths, or a number of equal parts) when ``p`` holds the fused weight, else
+    one matmul each. Each output column is the same dot product either way."""
+    if fused not in p:
+        return [linear(x, p[name]) for name in FUSED_PROJECTIONS[fused]]
+    y = linear(x, p[fused])
+    if isinstance(sizes, int):
+        if y.shape[-1] % sizes:
+            raise ValueError(f"fused weight {fused!r} has {y.shape[-1]} outputs, not {sizes} equal parts")
+        return jnp.split(y, sizes, axis=-1)
+    if y.shape[-1] != sum(sizes):
+        raise ValueError(f"fused weight {fused!r} has {y.shape[-1]} outputs; the config implies "
+                         f"{' + '.join(map(str, sizes))} = {sum(sizes)}")
+    return jnp.split(y, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Norms
 # --------------------------------------------------------------------------------------------------
@@ -168,12 +196,14 @@ def attention_qkv(x, p, *, num_heads: int, num_kv_heads: int, head_dim: int, eps
     """Projections of the gated attention: q [B, T, H, Dh] and k [B, T, KVH, Dh] after their norms and
     RoPE, v, and the output gate [B, T, H*Dh]. q_proj [2*H*Dh, D] is per head [query | gate]."""
     B, T, _ = x.shape
-    qg = linear(x, p["q_proj"]).reshape(B, T, num_heads, 2 * head_dim)
+    kv = num_kv_heads * head_dim
+    qg, k, v = grouped_linear(x, p, "qkv_proj", (2 * num_heads * head_dim, kv, kv))
+    qg = qg.reshape(B, T, num_heads, 2 * head_dim)
     q, gate = qg[..., :head_dim], qg[..., head_dim:]
     gate = gate.reshape(B, T, num_heads * head_dim)
     q = rms_norm(q, p["q_norm"], eps)  # q/k norms come BEFORE RoPE
-    k = rms_norm(linear(x, p["k_proj"]).reshape(B, T, num_kv_heads, head_dim), p["k_norm"], eps)
-    v = linear(x, p["v_proj"]).reshape(B, T, num_kv_heads, head_dim)
+    k = rms_norm(k.reshape(B, T, num_kv_heads, head_dim), p["k_norm"], eps)
+    v = v.reshape(B, T, num_kv_heads, head_dim)
     return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, gate
 
 
@@ -239,6 +269,15 @@ def causal_conv1d(x: jax.Array, weight: jax.Array, state: jax.Array | None = Non
     return acc.astype(dtype), xp[:, T:, :]
 
 
+def _deltanet_projections(x, p, num_k_heads, num_v_heads, k_head_dim, v_head_dim):
+    """in_proj_qkv (the conv input), in_proj_z [B, T, Hv, V], in_proj_b, in_proj_a of the DeltaNet."""
+    B, T, _ = x.shape
+    vd = num_v_heads * v_head_dim
+    sizes = (2 * num_k_heads * k_head_dim + vd, vd, num_v_heads, num_v_heads)
+    mixed, z, b, a = grouped_linear(x, p, "in_proj_qkvzba", sizes)
+    return mixed, z.reshape(B, T, num_v_heads, v_head_dim), b, a
+
+
 def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int, v_head_dim: int, eps: float,
                    mask=None, conv_state=None, recurrent_state=None, implementation: str | None = None,
                    chunk_size: int = 64, solve: str | None = None, precision: str = "float32"):
@@ -251,10 +290,7 @@ def gated_deltanet(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim: int,
     B, T, _ = x.shape
     if mask is not None:  # padded tokens become exact zeros: k = v = 0, so they never write the state
         x = (x * mask[:, :, None].astype(x.dtype)).astype(x.dtype)
-    mixed = linear(x, p["in_proj_qkv"])
-    z = linear(x, p["in_proj_z"]).reshape(B, T, num_v_heads, v_head_dim)
-    b = linear(x, p["in_proj_b"])
-    a = linear(x, p["in_proj_a"])
+    mixed, z, b, a = _deltanet_projections(x, p, num_k_heads, num_v_heads, k_head_dim, v_head_dim)
 
     conv_out, conv_state = causal_conv1d(mixed, p["conv1d"], conv_state)
     mixed = jax.nn.silu(conv_out).astype(mixed.dtype)  # conv + SiLU over q, k AND v (z, a, b bypass it)
@@ -288,10 +324,7 @@ def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim
     from pallas_kernels.gated_delta import gated_delta_recurrent
 
     B, T, _ = x.shape
-    mixed = linear(x, p["in_proj_qkv"])
-    z = linear(x, p["in_proj_z"]).reshape(B, T, num_v_heads, v_head_dim)
-    b = linear(x, p["in_proj_b"])
-    a = linear(x, p["in_proj_a"])
+    mixed, z, b, a = _deltanet_projections(x, p, num_k_heads, num_v_heads, k_head_dim, v_head_dim)
     conv_out, _ = causal_conv1d(mixed, p["conv1d"], conv_state)
     window = jnp.concatenate([conv_state.astype(mixed.dtype), mixed], axis=1)
     mixed = jax.nn.silu(conv_out).astype(mixed.dtype)
@@ -309,4 +342,5 @@ def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim
 
 def swiglu_mlp(x, p):
     """``down(silu(gate(x)) * up(x))``."""
-    return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+    gate, up = grouped_linear(x, p, "gate_up_proj", 2)
+    return linear(jax.nn.silu(gate) * up, p["down_proj"])

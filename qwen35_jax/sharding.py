@@ -39,6 +39,9 @@ DEFAULT_RULES: dict[str, str | None] = {
     "q_heads": MODEL, "kv_heads": MODEL, "o_heads": MODEL,
     "gdn_qkv": MODEL, "gdn_conv": MODEL, "gdn_v": MODEL, "gdn_heads": MODEL,
     "mlp": MODEL,
+    # model.fuse_projections' stacked weights (q|k|v, in_proj_*, gate|up): a split of the stacked
+    # dim would not follow the parts, so they stay replicated; shard the separate layout instead
+    "fused": None,
     "embed": None, "vocab": None, "mtp_in": None,
     # vision tower: small (0.4B); replicated by default
     "vit_heads": None, "vit_embed": None, "vit_mlp": None, "vit_merge": None,
@@ -122,7 +125,7 @@ def shard_params(params: Mapping, cfg: ModelConfig, mesh: Mesh,
                  rules: Mapping[str, str | None] = DEFAULT_RULES) -> dict:
     """Place an existing parameter tree (float arrays or quantized leaves) onto ``mesh``."""
     _check_rules(rules, mesh)
-    axes = M.param_axes(cfg)
+    axes = M.param_axes(cfg, M.is_fused(params))
     flat = M.flatten(params)
     out = {}
     for name, leaf in flat.items():

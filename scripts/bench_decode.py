@@ -90,19 +90,46 @@ def main(argv=None):
     ap.add_argument("--cases", default="1x512,8x512,1x32768,8x32768", help="batch x context")
     ap.add_argument("--drafts", default="1,3", help="MTP draft counts to time (empty: none)")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--layouts", default="fused,separate",
+                    help="parameter layouts to time, in order: 'fused' (model.fuse_projections: one GEMV per group "
+                         "of projections that read one input) and/or 'separate' (the HF layout)")
+    ap.add_argument("--separate-cases", default="1x512",
+                    help="cases (batch x context) timed in the 'separate' layout too ('all': every case)")
     ap.add_argument("--tiny", action="store_true", help="a tiny config (a CPU smoke test of the script)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or set(layouts) - {"fused", "separate"}:
+        ap.error(f"--layouts: a comma list of 'fused' and 'separate', got {args.layouts!r}")
 
     text = Q.qwen35_27b_text().text if not args.tiny else Q.tiny_text_config(mtp_num_hidden_layers=1)
     cfg = Q.ModelConfig(text=text, vision=None, architecture="Qwen3_5ForCausalLM")
-    t0 = time.perf_counter()
-    params = Q.random_params(cfg, dtype=jnp.bfloat16)
-    jax.block_until_ready(params)
-    print(f"{Q.count_params(params) / 1e9:.2f} B parameters (with MTP) in {time.perf_counter() - t0:.1f} s", flush=True)
     options = Q.RuntimeOptions()
     rows = []
-    for case in args.cases.split(","):
+    for layout in layouts:
+        cases = args.cases.split(",")
+        if layout == "separate" and len(layouts) > 1 and args.separate_cases != "all":
+            cases = [c for c in cases if c in args.separate_cases.split(",")]
+        t0 = time.perf_counter()
+        params = Q.random_params(cfg, dtype=jnp.bfloat16, fused=layout == "fused")
+        jax.block_until_ready(params)
+        print(f"{layout} layout: {Q.count_params(params) / 1e9:.2f} B parameters (with MTP) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        rows += run_cases(cfg, params, options, cases, args, layout)
+        del params
+    print(f"\nQwen3.5-27B decode, bf16, random weights; {device_info()}")
+    print_table(rows, [("layout", "layout"), ("batch", "batch"), ("context", "context"), ("mode", "mode"),
+                       ("ms_per_step", "ms/step"),
+                       ("tok_s", "tok/s"), ("hf_tok_s", "transformers tok/s"),
+                       ("verify_cost_x_plain", "round cost / plain step"),
+                       ("tok_s_at_accept_0.5", "tok/s if 50% accepted"), ("tok_s_at_accept_0.8", "tok/s if 80% accepted"),
+                       ("peak_gb", "peak GPU GB")])
+    write_json(args.json, {"benchmark": "decode", "device": device_info(), "rows": rows})
+
+
+def run_cases(cfg, params, options, cases, args, layout):
+    rows = []
+    for case in cases:
         B, ctx = map(int, case.split("x"))
         max_len = G.cache_length(ctx, args.steps + 8, 3)
         try:
@@ -110,9 +137,10 @@ def main(argv=None):
             tok = first_tokens(cfg, B)
             one = greedy_stepper(cfg, params, options, B)
             t, _ = time_steps(one, (tok, state, jax.random.key(0)), args.steps)
-            row = {"batch": B, "context": ctx, "mode": "plain", "ms_per_step": t * 1e3, "tok_s": B / t,
+            row = {"layout": layout, "batch": B, "context": ctx, "mode": "plain", "ms_per_step": t * 1e3, "tok_s": B / t,
                    "hf_tok_s": HF_ANCHOR_TOK_S if (B, ctx) == (1, 512) else None, "peak_gb": peak_memory_gb()}
             rows.append(row)
+            plain = row["ms_per_step"]
             print(row, flush=True)
             del state
         except Exception as e:  # e.g. out of memory at batch 8 x 32k
@@ -131,9 +159,8 @@ def main(argv=None):
                     return last, drafts, state, mtp_state
 
                 t, _ = time_steps(one_round, (tok, drafts, state, mtp_state), max(8, args.steps // 4))
-                plain = rows[-1]["ms_per_step"] if rows[-1]["mode"] == "plain" else None
-                row = {"batch": B, "context": ctx, "mode": f"MTP K={K}", "ms_per_step": t * 1e3,
-                       "verify_cost_x_plain": t * 1e3 / plain if plain else None,
+                row = {"layout": layout, "batch": B, "context": ctx, "mode": f"MTP K={K}", "ms_per_step": t * 1e3,
+                       "verify_cost_x_plain": t * 1e3 / plain,
                        "tok_s_at_accept_0.5": B * (1 + 0.5 * K) / t, "tok_s_at_accept_0.8": B * (1 + 0.8 * K) / t,
                        "peak_gb": peak_memory_gb()}
                 rows.append(row)
@@ -141,13 +168,7 @@ def main(argv=None):
                 del state, mtp_state
             except Exception as e:
                 print(f"B={B} ctx={ctx} MTP K={K}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
-    print(f"\nQwen3.5-27B decode, bf16, random weights; {device_info()}")
-    print_table(rows, [("batch", "batch"), ("context", "context"), ("mode", "mode"), ("ms_per_step", "ms/step"),
-                       ("tok_s", "tok/s"), ("hf_tok_s", "transformers tok/s"),
-                       ("verify_cost_x_plain", "round cost / plain step"),
-                       ("tok_s_at_accept_0.5", "tok/s if 50% accepted"), ("tok_s_at_accept_0.8", "tok/s if 80% accepted"),
-                       ("peak_gb", "peak GPU GB")])
-    write_json(args.json, {"benchmark": "decode", "device": device_info(), "rows": rows})
+    return rows
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--trace-steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=25, help="kernels listed by total time")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--separate", action="store_true",
+                    help="the HF layout (one GEMV per projection) instead of model.fuse_projections' fused one")
     ap.add_argument("--hlo", default=None, help="write the step's optimized HLO here")
     ap.add_argument("--trace-dir", default=None, help="keep the raw trace here (default: a temp dir)")
     ap.add_argument("--json", default=None)
@@ -77,7 +79,7 @@ def main(argv=None):
 
     text = Q.qwen35_27b_text().text if not args.tiny else Q.tiny_text_config(mtp_num_hidden_layers=1)
     cfg = Q.ModelConfig(text=text, vision=None, architecture="Qwen3_5ForCausalLM")
-    params = Q.random_params(cfg, dtype=jnp.bfloat16)
+    params = Q.random_params(cfg, dtype=jnp.bfloat16, fused=not args.separate)
     B, ctx = args.batch, args.context
     state = random_state(cfg, B, ctx, G.cache_length(ctx, args.steps + args.trace_steps + 8, 3))
     tok = first_tokens(cfg, B)

@@ -38,8 +38,14 @@ def test_bench_decode_tiny_runs_every_mode(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failed" not in r.stdout, r.stdout  # a case that raises is reported, not fatal: catch it here
     rows = json.loads(out.read_text())["rows"]
-    assert {(row["batch"], row["mode"]) for row in rows} == {(1, "plain"), (1, "MTP K=1"), (2, "plain"),
-                                                              (2, "MTP K=1")}
+    # every case in the fused layout, the default --separate-cases (1x512, not run here) in the other
+    assert {(row["layout"], row["batch"], row["mode"]) for row in rows} == {
+        ("fused", 1, "plain"), ("fused", 1, "MTP K=1"), ("fused", 2, "plain"), ("fused", 2, "MTP K=1")}
+    r = _run(ROOT / "scripts" / "bench_decode.py", "--tiny", "--cases", "1x64", "--drafts", "", "--steps", "2",
+             "--layouts", "separate")
+    assert r.returncode == 0 and "separate" in r.stdout, r.stdout + r.stderr
+    r = _run(ROOT / "scripts" / "bench_decode.py", "--tiny", "--layouts", "fused,unfused")
+    assert r.returncode == 2 and "--layouts" in r.stderr
 
 
 def test_bench_gptq_tiny(tmp_path):

@@ -338,7 +338,7 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_seqlens=None,
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                                  num_warps_intra: int = 4, interpret: bool = False):
+                                  num_warps_intra: int = 1, interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -350,7 +350,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       chunk_size: C in CHUNK_SIZES.
       precision: in-kernel dot arithmetic for fp32 operands, one of kernel_common.PRECISIONS.
       block_v: BV, value columns per program of the state pass (a power of two >= 16). The
-        defaults (bf16x3, BV=64, 4 warps) were the fastest measured on an H200 (NOTES.md).
+        defaults (bf16x3, BV=64, 4 warps; 1 warp for the intra-chunk kernel: 0.16 ms against 0.42
+        with 4 at B=1, T=4096) were the fastest measured on an H200 (NOTES.md).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
