@@ -7,6 +7,8 @@ public default dispatch: Pallas kernels, and XLA dequantize-then-bf16-dot from
     python scripts/bench_quant_matmul.py --json out/bench_quant_matmul.json
     python scripts/bench_quant_matmul.py --quick            # M=1 and 512 at K=5120 -> N=34816
     python scripts/bench_quant_matmul.py --sweep            # block-size variants first
+    python scripts/bench_quant_matmul.py --sweep3 --no-bench  # every named kernel.CANDIDATES entry
+                                                              # (GPU correctness check + device us)
 
 Timing: every sample runs ``copies`` calls in one jitted function, each on its own copy of the
 weights (together more than the L2 cache, so HBM and not the cache is measured; one dispatch, so
@@ -139,7 +141,8 @@ def _cfg_str(c):
     if c is None or isinstance(c, str):
         return c
     return (f"{c.mode} bm{c.bm} bn{c.bn} R{c.rows} s{c.splits} w{c.num_warps} st{c.num_stages}"
-            + ("" if c.scale_after_dot or c.mode != "gemv_dot" else " prescale"))
+            + ("" if c.scale_after_dot or c.mode != "gemv_dot" else " prescale")
+            + (" fast" if c.fast_decode else "") + (" pf" if c.prefetch else ""))
 
 
 def _print_row(r):
@@ -234,6 +237,89 @@ SWEEP2 = [
 ]
 
 
+# --sweep3: (K, N, M, scheme, what): what = a kernel.CANDIDATES name, "xla_deq" (XLA dequantize +
+# bf16 dot of our layout) or "xla_bf16" (the bf16 weight, the baseline of the ratios).
+_DEC_NEW = ["dot_r32_w4_st4_fast", "red_r8_bn128_w1", "red_r16_bn128_w1", "row_r8_bn128_w1",
+            "row_r8_bn128_w1_pf", "row_r16_bn128_w1_pf", "row_r16_bn128_w1_pf_t16",
+            "row_r8_bn256_w1_pf", "row_r8_bn256_w2_pf", "row_r16_bn256_w1"]
+_DEC_FEW = ["red_r16_bn128_w1", "row_r8_bn128_w1_pf", "row_r8_bn256_w1_pf"]
+_DEC_BASE = {"int4_g128": "dot_r128_w8", "int8_g32": "dot_r64_w4", "int8_pc": "dot_r64_w4"}
+_GEMM = ["gemm_128x128_r32_w8", "gemm_128x128_r32_w8_fast", "gemm_128x256_r32_w8_fast",
+         "gemm_128x128_r32_w4_st3_fast", "gemm_128x128_r16_w8_st3_fast"]
+_SCH = ("int4_g128", "int8_g32", "int8_pc")
+SWEEP3 = (  # in priority order (--time-budget skips the tail)
+    [(5120, 34816, 1, None, "xla_bf16")]
+    + [(5120, 34816, 1, sc, c) for sc in _SCH for c in [_DEC_BASE[sc]] + _DEC_NEW]
+    + [(5120, 34816, 512, None, "xla_bf16"), (5120, 34816, 512, "int8_g32", "xla_deq")]
+    + [(5120, 34816, 512, "int8_g32", c) for c in _GEMM]
+    + [(k, n, 1, None, "xla_bf16") for k, n in ((17408, 5120), (5120, 10240))]
+    + [(k, n, 1, sc, c) for k, n in ((17408, 5120), (5120, 10240))
+       for sc in _SCH for c in [_DEC_BASE[sc]] + _DEC_FEW]
+)
+
+
+def run_sweep3(rows, reps, budget, t_start, smoke=False):
+    """Every SWEEP3 entry: a GPU correctness check against the fp32 reference (rel. error, fresh
+    activations, same weights), then the timing of run_case. Returns the rows."""
+    from pallas_kernels.quant_matmul import quant_matmul_reference
+
+    key = jax.random.key(3)
+    cache = {}
+    plan = SWEEP3
+    if smoke:  # tiny shapes, interpreted, a few entries of each kind
+        plan = [(256, 512, 1, None, "xla_bf16")] + [
+            (256, 512, 1, sc, c) for sc in SCHEMES for c in ("dot_r64_w4", "red_r8_bn128_w1",
+                                                              "row_r8_bn128_w1_pf")] + [
+            (256, 512, 64, "int8_g32", "gemm_128x128_r32_w8_fast"),
+            (256, 512, 64, "int8_g32", "xla_deq")]
+    for k, n, m, scheme, what in plan:
+        if budget and time.perf_counter() - t_start > budget:
+            print(f"time budget reached: skipping {k}x{n} M={m} {scheme} {what}", flush=True)
+            continue
+        if what == "xla_bf16":
+            wb = jax.random.normal(key, (k, n), jnp.bfloat16)
+            run_case(rows, k, n, m, "xla_bf16", xla_bf16, (wb,), wb.size * 2, reps)
+            del wb
+            continue
+        if (k, n, scheme) not in cache:
+            cache.clear()
+            weights, nbytes, kw = quant_weights(k, n, scheme, key)
+            cache[(k, n, scheme)] = (weights, nbytes, kw, {})
+        weights, nbytes, kw, refs = cache[(k, n, scheme)]
+        if m not in refs:
+            x = jax.random.normal(jax.random.key(100 + m), (m, k), jnp.bfloat16)
+            refs[m] = (x, quant_matmul_reference(x, *weights, None, **kw).astype(jnp.float32))
+        x, ref = refs[m]
+        if what == "xla_deq":
+            fn, cfg, label = xla_deq_packed(kw), None, "xla_dequant"
+        else:
+            cfg = qk.choose_config(m, n, candidate=what, **kw)
+            fn, label = ours(kw, cfg), f"{what}: {_cfg_str(cfg)}"
+        try:
+            out = jax.jit(fn)(x, *weights).astype(jnp.float32)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
+            err = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        row = run_case(rows, k, n, m, f"{'xla' if what == 'xla_deq' else 'ours'}_{scheme}",
+                       fn, weights, nbytes, reps, label)
+        row["rel_err"] = err
+        row["err"] = f"{err:.1e}" if isinstance(err, float) else err
+        row["candidate"] = what
+        if isinstance(err, float) and not err < 1e-2:
+            row["error"] = f"WRONG: rel. error {err:.3g}"
+        print(f"    rel. error vs fp32 reference: {err}", flush=True)
+    cache.clear()
+    # ratio to XLA bf16 at the same (K, N, M)
+    base = {(r["K"], r["N"], r["M"]): r.get("device_us") or r.get("us")
+            for r in rows if r["method"] == "xla_bf16"}
+    for r in rows:
+        b = base.get((r["K"], r["N"], r["M"]))
+        t = r.get("device_us") or r.get("us")
+        if b and t:
+            r["vs_bf16"] = b / t
+    return rows
+
+
 def pl_next_pow2(v):
     return 1 << (int(v) - 1).bit_length()
 
@@ -244,6 +330,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="block-size sweep at the first shape first")
     ap.add_argument("--sweep2", action="store_true",
                     help="second round: gemv_fma2 decode variants and XLA-dequantize prefill points")
+    ap.add_argument("--sweep3", action="store_true",
+                    help="round 3: every named kernel.CANDIDATES entry at M=1 (3 shapes, 3 schemes) "
+                         "and the int8 g32 M=512 options, each checked against the fp32 reference")
     ap.add_argument("--no-bench", action="store_true", help="only the sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=7)
@@ -290,6 +379,12 @@ def main():
         write_json(args.json and args.json.replace(".json", "_sweep2.json"),
                    {"device": info, "rows": sweep_rows})
 
+    sweep3_rows = []
+    if args.sweep3:
+        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke)
+        write_json(args.json and args.json.replace(".json", "_sweep3.json"),
+                   {"device": info, "rows": sweep3_rows})
+
     if not args.no_bench:
         shapes = SHAPES[:1] if args.quick else SHAPES
         ms = [1, 512] if args.quick else ROWS
@@ -324,6 +419,12 @@ def main():
             ("us", "us"), ("weight_GBps", "GB/s (weights)"), ("device_us", "device us"),
             ("device_GBps", "GB/s at device us"), ("TFLOPs", "TFLOP/s"),
             ("vs_bf16", "x vs bf16"), ("error", "error")]
+    if sweep3_rows:
+        print("\n## sweep3 (x vs bf16: XLA bf16 device us / device us; err: rel. error vs fp32)")
+        print_table(sweep3_rows, [("K", "K"), ("N", "N"), ("M", "M"), ("method", "method"),
+                                  ("config", "candidate: config"), ("device_us", "device us"),
+                                  ("us", "wall us"), ("device_GBps", "GB/s"),
+                                  ("vs_bf16", "x vs bf16"), ("err", "err"), ("error", "error")])
     if sweep_rows:
         print("\n## sweep")
         print_table(sweep_rows, cols[:-2] + cols[-1:])

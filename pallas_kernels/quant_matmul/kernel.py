@@ -21,6 +21,13 @@ Three loop bodies share the decode of a code tile:
 * ``gemv_fma`` (decode, M tiny): the same on the vector units (multiply + reduce over the R rows of
   a chunk), no padding of M to 16 rows.
 * ``gemv_fma2``: as ``gemv_fma`` but with an ``[R, bn]`` fp32 accumulator reduced once at the end.
+* ``gemv_red`` (decode, M tiny): vector FMAs with no per-weight zero/offset subtraction and no
+  per-weight scale: each code is decoded by ONE logic op into ``f = 1 + code * u`` (the "field at
+  the top of the mantissa" trick below), ``P = sum_r x_r f_r`` is reduced over the R rows of a
+  step (in-thread when ``bn >= 128 * num_warps``: Triton's 16-byte-vector layout then puts all R
+  rows of a column in one thread), and the offset, zero point and scale are applied once per
+  column, slab and step: ``s / u * (P - (1 + z * u) * sum_r x_r)``. About 2.5 lane-instructions
+  per int4 weight (0.5 shift, 1 LOP3, 1 FFMA) against ~4.5 for the dot path.
 * ``gemm`` (prefill): a ``[bm, bn]`` output tile per program, the dequantized bf16 weight tile
   ``(code - zero) * scale`` fed to tensor-core dots, fp32 accumulator in registers.
 
@@ -28,6 +35,15 @@ Code to float without an int->float convert instruction (a quarter-rate instruct
 OR-ing a code ``c < 2**23`` into the mantissa of ``2**23`` (bits ``0x4B000000``) gives the float
 ``2**23 + c`` exactly, so ``bitcast(c | 0x4B000000) - (2**23 + zero)`` is ``c - zero`` exactly in
 one logic op (the AND with the field mask and this OR fuse into one LOP3) and one FADD.
+
+The "top of the mantissa" variant (``fast_decode``, and always in ``gemv_red``): a word shifted so
+that field ``j`` sits at bits ``[b, b + bits)`` with ``b + bits <= 23``, AND-ed with that field's
+mask and OR-ed with ``0x3F800000`` (1.0), is the float ``1 + code * 2**(b - 23)`` exactly. With
+``b`` near the top (within ``FIELD_SLACK`` bits of ``23 - bits``) the constant 1 is at most
+``2**FIELD_SLACK`` times the code term, so the offset can be removed after a sum (or folded into
+one FFMA with the scale, ``f * (s / u) - (1 + z * u) * (s / u)``) at a relative cost of
+~2**-24 * 2**FIELD_SLACK * 2**bits / std(code) (~1e-6): no per-weight FADD. Fields whose top
+positions are within the slack share one shifted word (int4: two fields per shift).
 """
 
 from __future__ import annotations
@@ -62,20 +78,31 @@ MAGIC_F = float(2**23)
 DECODE_MAX_ROWS = 16  # M up to this runs the GEMV / skinny-GEMM kernel
 MIN_BLOCK_N = 16  # the smallest tensor-core dot width the Triton lowering accepts
 NUM_SMS = 132  # H100 SXM / H200: used to size split-K (a heuristic, not a correctness input)
+ONE_BITS = 0x3F800000  # float32 bit pattern of 1.0
+FIELD_SLACK = 8  # fast decode: a field may sit up to this many bits below the top of the mantissa
+RED_MAX_ROWS = 4  # choose_config uses gemv_red only up to this M (it unrolls the rows)
+MODES = ("gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row", "gemm")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Block configuration of one kernel launch (all static).
 
-    mode: "gemv_dot" | "gemv_fma" | "gemv_fma2" | "gemm".
-    bm: activation rows per program (gemv_dot: 16; gemv_fma*: ignored, the real M is used).
+    mode: "gemv_dot" | "gemv_fma" | "gemv_fma2" | "gemv_red" | "gemm".
+    bm: activation rows per program (gemv_dot: 16; gemv_fma* / gemv_red: ignored, the real M is
+      used).
     bn: output columns per program (power of 2, >= 16).
     rows: R, word rows per loop step (power of 2 dividing S and, when grouped, the group size:
       then every row block of a step lies inside one scale group).
     splits: programs along K (gemv modes; partial sums added in XLA). Must divide S // rows.
     scale_after_dot: gemv_dot only: dot the exact (code - zero) and scale the [bm, bn] result
       (True), or dequantize fully before the dot (False, as gemm does).
+    fast_decode: gemm / gemv_dot: decode with the top-of-mantissa trick (module docstring): one
+      shift per two int4 fields and, in gemm, ``(code - zero) * scale`` as one FFMA. gemv_red
+      always decodes this way.
+    prefetch: gemv_red / gemv_row: load the next step's words before decoding the current ones
+      (a register double buffer carried by the loop; Triton does not software-pipeline loads
+      that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap).
     """
 
     mode: str
@@ -86,6 +113,8 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     scale_after_dot: bool = True
+    fast_decode: bool = False
+    prefetch: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,27 +153,96 @@ def _divisors(v: int):
     return [d for d in range(1, v + 1) if v % d == 0]
 
 
-# Measured on one H200 (jax 0.11.2, 2026-12-02; NOTES.md has the sweep). Keys: (regime, bits of the
-# entry: 4 stands for 2/3/4, 8 for 8); values are Config fields, clamped to the shape by
-# `choose_config`. Decode: gemv_dot beat gemv_fma / gemv_fma2 at every point tried; the split count
-# is sized so that N / bn * splits >= DECODE_TARGET_PROGRAMS (4 per SM was better than 2 or 16).
-_TABLE = {
-    ("decode", 4): dict(mode="gemv_dot", bm=16, bn=128, rows=128, num_warps=8, num_stages=3),
-    ("decode", 8): dict(mode="gemv_dot", bm=16, bn=128, rows=64, num_warps=4, num_stages=3),
-    ("gemm", 4): dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8, num_stages=2),
-    ("gemm", 8): dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8, num_stages=2),
+# Named block configurations: the candidates that `scripts/bench_quant_matmul.py --sweep3` times
+# (every one by name), and the entries `_TABLE` picks from. Values are Config fields plus
+# "target": the programs per SM that split-K aims at (decode modes; default 4). choose_config
+# clamps them to the shape (N, S, group size).
+CANDIDATES = {
+    # -- decode: the round-1 bests (gemv_dot: tensor-core dot of x padded to 16 rows)
+    "dot_r128_w8": dict(mode="gemv_dot", bm=16, bn=128, rows=128, num_warps=8, num_stages=3),
+    "dot_r64_w4": dict(mode="gemv_dot", bm=16, bn=128, rows=64, num_warps=4, num_stages=3),
+    # gemv_dot with several pipelined steps per program (R=128 s5 at K=5120 int4 is ONE step per
+    # program: no overlap of a program's loads with its decode) and the cheaper decode
+    "dot_r32_w4_st4_fast": dict(mode="gemv_dot", bm=16, bn=128, rows=32, num_warps=4,
+                                num_stages=4, fast_decode=True, target=2),
+    # -- decode, vector FMAs with the top-of-mantissa decode (no per-weight FADD / FMUL / MOV).
+    # SASS of the loop (pip triton 3.9, sm_90, int4 g128 K=5120): gemv_dot ~5.3-6 instructions
+    # per weight; gemv_red (in-thread tree reduction) 3.8-4.2; gemv_row 3.5-4.1. One-warp programs
+    # (bn = 128 * c: each thread holds 4c columns and all R rows), 64-170 registers, many
+    # programs per SM hide the load latency (Triton does not pipeline loads that feed no dot).
+    "red_r8_bn128_w1": dict(mode="gemv_red", bm=16, bn=128, rows=8, num_warps=1, target=8),
+    "red_r16_bn128_w1": dict(mode="gemv_red", bm=16, bn=128, rows=16, num_warps=1, target=8),
+    "row_r8_bn128_w1": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1, target=8),
+    "row_r8_bn128_w1_pf": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                               prefetch=True, target=8),
+    "row_r16_bn128_w1_pf": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                prefetch=True, target=8),
+    "row_r16_bn128_w1_pf_t16": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                    prefetch=True, target=16),
+    "row_r8_bn256_w1_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
+                               prefetch=True, target=8),
+    "row_r8_bn256_w2_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=2,
+                               prefetch=True, target=4),
+    "row_r16_bn256_w1": dict(mode="gemv_row", bm=16, bn=256, rows=16, num_warps=1, target=8),
+    # -- prefill (16 < M < XLA_DEQUANT_MIN_ROWS)
+    "gemm_128x128_r32_w8": dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8, num_stages=2),
+    "gemm_128x128_r32_w8_fast": dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8,
+                                     num_stages=2, fast_decode=True),
+    "gemm_128x256_r32_w8_fast": dict(mode="gemm", bm=128, bn=256, rows=32, num_warps=8,
+                                     num_stages=2, fast_decode=True),
+    "gemm_128x128_r32_w4_st3_fast": dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=4,
+                                         num_stages=3, fast_decode=True),
+    "gemm_128x128_r16_w8_st3_fast": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
+                                         num_stages=3, fast_decode=True),
 }
-DECODE_TARGET_PROGRAMS = 4 * NUM_SMS
+
+# Measured on one H200 (jax 0.11.2, 2026-12-02; NOTES.md has the sweeps). Keys: (regime, bits of
+# the entry: 4 stands for 2/3/4, 8 for 8, per-channel?); values: CANDIDATES names. Decode:
+# gemv_dot beat gemv_fma / gemv_fma2 at every point tried in rounds 1-2; the split count is sized
+# so that N / bn * splits >= target * NUM_SMS (4 per SM was better than 2 or 16 for gemv_dot).
+# Decode: the round-3 sweep's winner for all three schemes (H200, device time, K=5120 -> N=34816, M=1:
+# int4 g128 45.3 us against 76.5 for dot_r128_w8, int8 g32 54.3 against 85.6, int8 per-channel 56.7
+# against 61.1; NOTES.md round 3).
+_TABLE = {
+    ("decode", 4, False): "row_r16_bn128_w1_pf_t16",
+    ("decode", 4, True): "row_r16_bn128_w1_pf_t16",
+    ("decode", 8, False): "row_r16_bn128_w1_pf_t16",
+    ("decode", 8, True): "row_r16_bn128_w1_pf_t16",
+    ("gemm", 4, False): "gemm_128x128_r32_w8",
+    ("gemm", 4, True): "gemm_128x128_r32_w8",
+    ("gemm", 8, False): "gemm_128x128_r32_w8",
+    ("gemm", 8, True): "gemm_128x128_r32_w8",
+}
+# Decode candidate used where the table's gemv_red / gemv_fma* entry does not apply (M > RED_MAX_ROWS).
+_DECODE_FALLBACK = {4: "dot_r128_w8", 8: "dot_r64_w4"}
+DEFAULT_TARGET_PER_SM = 4
+DECODE_TARGET_PROGRAMS = DEFAULT_TARGET_PER_SM * NUM_SMS
+
+
+def table_entry(m: int, *, bits: int, group_size: int, in_features: int) -> str:
+    """The CANDIDATES name the dispatch table gives for this call."""
+    regime = "gemm" if m > DECODE_MAX_ROWS else "decode"
+    bclass = 4 if bits < 8 else 8
+    name = _TABLE[(regime, bclass, group_size == in_features)]
+    if regime == "decode" and CANDIDATES[name]["mode"] != "gemv_dot" and m > RED_MAX_ROWS:
+        name = _DECODE_FALLBACK[bclass]
+    return name
 
 
 def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: int,
-                  target_programs: int = DECODE_TARGET_PROGRAMS) -> Config:
-    """Pick a Config from the table and clamp it to the shape (N, S, group size)."""
+                  target_programs: int | None = None, candidate: str | None = None) -> Config:
+    """Pick a Config (``candidate``: a CANDIDATES name, else the table's) and clamp it to the
+    shape (N, S, group size); size split-K for decode modes."""
     s_rows = layout.slab_rows(in_features, bits, group_size)
-    regime = "gemm" if m > DECODE_MAX_ROWS else "decode"
-    base = dict(_TABLE[(regime, 4 if bits < 8 else 8)])
+    if candidate is None:
+        candidate = table_entry(m, bits=bits, group_size=group_size, in_features=in_features)
+    base = dict(CANDIDATES[candidate])
+    target = base.pop("target", DEFAULT_TARGET_PER_SM) * NUM_SMS
+    if target_programs is not None:
+        target = target_programs
+    regime = "gemm" if base["mode"] == "gemm" else "decode"
     rows = min(base["rows"], max_rows_per_step(s_rows, group_size, in_features))
-    if regime == "decode" and rows < base["rows"]:
+    if base["mode"] == "gemv_dot" and rows < base["rows"]:
         # Small groups cap R (int8 g32: R = 32): widen the tile to keep the bytes per step
         # (int8 g32 at K=5120, N=34816: bn 256 158 us vs bn 128 167-245 us).
         base["bn"] = min(256, base["bn"] * base["rows"] // rows)
@@ -160,7 +258,7 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     splits = 1
     for d in _divisors(steps):
         splits = d
-        if n_blocks * d >= target_programs:
+        if n_blocks * d >= target:
             break
     base["splits"] = splits
     return Config(**base)
@@ -176,6 +274,62 @@ def _decode_codes(words, shift: int, bits: int, zero_plus_magic):
     field = jax.lax.shift_right_logical(words, jnp.uint32(shift)) if shift else words
     f = jax.lax.bitcast_convert_type((field & mask) | jnp.uint32(MAGIC), jnp.float32)
     return f - zero_plus_magic
+
+
+@functools.lru_cache(maxsize=None)
+def _field_plan(bits: int, slack: int | None = None):
+    """Top-of-mantissa decode plan: for field j, ``(d, b)``: shift the word left by ``d`` (right by
+    ``-d``) to put field j at bits ``[b, b + bits)``, ``23 - bits - slack <= b <= 23 - bits``.
+    Fields that fit the window under one ``d`` share one shift; greedy cover, fewest shifts first,
+    ``d = 0`` (no shift) preferred (int4, slack 8: fields 3, 4 unshifted, 0-2 and 5-7 one shift
+    each; int8: fields 0-1 and 2-3 one shift each)."""
+    slack = FIELD_SLACK if slack is None else slack
+    p = 32 // bits
+    top = 23 - bits
+    lo = max(0, top - slack)
+
+    def greedy(first):
+        left, plan = set(range(p)), {}
+        while left:
+            best = None
+            for d in ([first] if first is not None and not plan else
+                      range(lo - (p - 1) * bits, top + 1)):
+                cov = [j for j in left if lo <= j * bits + d <= top]
+                key = (len(cov), d)  # most fields, then the highest positions
+                if cov and (best is None or key > best[0]):
+                    best = (key, d, cov)
+            if best is None:  # `first` covers nothing
+                return None
+            _, d, cov = best
+            plan.update({j: (d, j * bits + d) for j in cov})
+            left -= set(cov)
+        return tuple(plan[j] for j in range(p))
+
+    plans = [pl_ for pl_ in (greedy(0), greedy(None)) if pl_ is not None]
+    return min(plans, key=lambda pl_: len({d for d, _ in pl_ if d}))  # fewest real shifts
+
+
+def _shift(words, d: int):
+    if d > 0:
+        return jax.lax.shift_left(words, jnp.uint32(d))
+    if d < 0:
+        return jax.lax.shift_right_logical(words, jnp.uint32(-d))
+    return words
+
+
+def _opaque_u32(v: int):
+    """The uint32 constant v as a value the compiler cannot fold (a select on the program id, which
+    is never 2**31 - 2 here; the grid size is static in Pallas and would fold): ``(w & MASK) | ONE`` has two immediates, one more than a LOP3 takes, and
+    ptxas re-materialises a constant mask with a MOV before every LOP3 (~1 MOV per weight, seen in
+    the SASS); a mask held in a register costs nothing per use."""
+    return jnp.where(pl.program_id(0) == 2**31 - 2, jnp.uint32(0), jnp.uint32(v))
+
+
+def _decode_top(shifted, b: int, bits: int, masks=None):
+    """Shifted words (field at bits [b, b + bits)) -> float32 ``1 + code * 2**(b - 23)``, exact.
+    ``masks``: {b: mask value} from ``_opaque_u32`` (else a constant mask)."""
+    mask = masks[b] if masks is not None else jnp.uint32(((1 << bits) - 1) << b)
+    return jax.lax.bitcast_convert_type((shifted & mask) | jnp.uint32(ONE_BITS), jnp.float32)
 
 
 def _load(ref, idx, mask):
@@ -233,11 +387,131 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
             return pc_scale, pc_zero
         return scale_zero(k0 // group_size)
 
+    def scale_zero_raw(k0):
+        """Scale [1, bn] f32 (None for per-channel: applied after the loop) and the zero point
+        [1, bn] f32 (None: symmetric)."""
+        if per_channel:
+            s = None
+            if z_ref is None:
+                return s, None
+            return s, pc_zero - MAGIC_F
+        g_row = k0 // group_size
+        s = _load(s_ref, (pl.ds(g_row, 1), cols), col_ok).astype(jnp.float32)
+        if z_ref is None:
+            return s, None
+        return s, _load(z_ref, (pl.ds(g_row, 1), cols), col_ok).astype(jnp.float32)
+
+    plan = _field_plan(bits)
+    masks = None
+    if cfg.mode in ("gemv_red", "gemv_row") or cfg.fast_decode:
+        masks = {b: _opaque_u32(((1 << bits) - 1) << b) for _, b in plan}
+
+    def top_terms(j, k0):
+        """Fast decode of slab j: (u, offset k = 1 + zero * u, coef = scale / u or 1 / u)."""
+        b = plan[j][1]
+        u = 2.0 ** (b - 23)
+        s, z = scale_zero_raw(k0)
+        kk = 1.0 + 2 ** (bits - 1) * u if z is None else 1.0 + z * u
+        coef = 1.0 / u if s is None else s * (1.0 / u)
+        return u, kk, coef
+
     def x_cols_mask(j, shape, k0):
         # Only the slab that straddles K needs a column mask (static test).
         if (j + 1) * s_rows <= k:
             return None
         return (k0 + jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)) < k
+
+    def run_fma_loop(body, prefetched):
+        """gemv_red / gemv_row: the step loop (carry: the prefetched words, then one [1, bn] f32
+        accumulator per row of x), then the per-channel scale and the store of each row."""
+        init = tuple(jnp.zeros((1, bn), jnp.float32) for _ in range(m))
+        accs = jax.lax.fori_loop(0, steps, body, tuple(prefetched) + init)[len(prefetched):]
+        for i in range(m):
+            val = accs[i] * pc_scale if per_channel else accs[i]
+            if out_partial:
+                _store(o_ref, (split, pl.ds(i, 1), cols), val, col_ok)
+            else:
+                _store(o_ref, (pl.ds(i, 1), cols), val.astype(o_ref.dtype), col_ok)
+
+    if cfg.mode == "gemv_red":
+        # Per step and slab: P = sum_r x_r f_r with f = 1 + code * u (one LOP3 per weight, plus a
+        # shift shared by the fields of a plan group), X = sum_r x_r, then per column
+        # acc += (s / u) * (P - (1 + z * u) * X) = s * sum_r x_r (code_r - z).
+        def load_step(c):
+            r0 = pl.multiple_of(row_base + jnp.minimum(c, steps - 1) * r, r)
+            return _load(w_ref, (pl.ds(r0, r), cols), col_ok)  # [R, bn] uint32
+
+        def body(c, carry):
+            if cfg.prefetch:
+                words, accs = carry[0], carry[1:]
+                nxt = load_step(c + 1)
+            else:
+                words, accs = load_step(c), carry
+            r0 = pl.multiple_of(row_base + c * r, r)
+            accs = list(accs)
+            shifted = {}
+            for j in live_slabs:
+                d, b = plan[j]
+                if d not in shifted:
+                    shifted[d] = _shift(words, d)
+                f = _decode_top(shifted[d], b, bits, masks)  # [R, bn] f32, 1 + code * u
+                k0 = j * s_rows + r0
+                _, kk, coef = top_terms(j, k0)
+                xmask = x_cols_mask(j, (r,), k0)
+                for i in range(m):
+                    xr = _load(x_ref, (jnp.int32(i), pl.ds(k0, r)), xmask).astype(jnp.float32)
+                    part = jnp.sum(xr[:, None] * f, axis=0, keepdims=True)  # [1, bn]
+                    xs = jnp.sum(xr)
+                    accs[i] = accs[i] + coef * (part - xs * kk)
+            return ((nxt,) if cfg.prefetch else ()) + tuple(accs)
+
+        run_fma_loop(body, (load_step(0),) if cfg.prefetch else ())
+        return
+
+    if cfg.mode == "gemv_row":
+        # gemv_red with the R rows of a step loaded as R separate [1, bn] row vectors and the
+        # activation as scalars: every product is one FFMA into a per-slab [1, bn] partial (a
+        # chain, not the mul + add tree of an in-thread reduction), X_j a scalar chain.
+        def load_rows(c):
+            r0 = pl.multiple_of(row_base + jnp.minimum(c, steps - 1) * r, r)
+            return tuple(_load(w_ref, (pl.ds(r0 + t, 1), cols), col_ok) for t in range(r))
+
+        def body(c, carry):
+            if cfg.prefetch:
+                rows_w, accs = carry[:r], carry[r:]
+                nxt = load_rows(c + 1)
+            else:
+                rows_w, accs = load_rows(c), carry
+            r0 = pl.multiple_of(row_base + c * r, r)
+            accs = list(accs)
+            parts = {(i, j): None for i in range(m) for j in live_slabs}
+            xsums = {(i, j): None for i in range(m) for j in live_slabs}
+            for t in range(r):
+                words = rows_w[t]  # [1, bn] uint32
+                shifted = {}
+                for j in live_slabs:
+                    d, b = plan[j]
+                    if d not in shifted:
+                        shifted[d] = _shift(words, d)
+                    f = _decode_top(shifted[d], b, bits, masks)  # [1, bn]
+                    kt = j * s_rows + r0 + t
+                    for i in range(m):
+                        if (j + 1) * s_rows <= k:
+                            xv = x_ref[i, kt].astype(jnp.float32)
+                        else:  # the slab that straddles K: rows >= K read 0
+                            xv = jnp.where(kt < k, x_ref[i, jnp.minimum(kt, k - 1)], 0
+                                           ).astype(jnp.float32)
+                        key = (i, j)
+                        parts[key] = xv * f if parts[key] is None else parts[key] + xv * f
+                        xsums[key] = xv if xsums[key] is None else xsums[key] + xv
+            for j in live_slabs:
+                _, kk, coef = top_terms(j, j * s_rows + r0)
+                for i in range(m):
+                    accs[i] = accs[i] + coef * (parts[(i, j)] - xsums[(i, j)] * kk)
+            return (nxt if cfg.prefetch else ()) + tuple(accs)
+
+        run_fma_loop(body, load_rows(0) if cfg.prefetch else ())
+        return
 
     if cfg.mode in ("gemv_fma", "gemv_fma2"):
         # gemv_fma reduces each [R, bn] product over R at once (a cross-thread reduction per slab
@@ -292,11 +566,28 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
     def body(c, acc):
         r0 = pl.multiple_of(row_base + c * r, r)
         words = _load(w_ref, (pl.ds(r0, r), cols), col_ok)  # [R, bn] uint32, read once
+        shifted = {}
         for j in live_slabs:
             k0 = j * s_rows + r0
+            xt = x_tile(j, k0)
+            if cfg.fast_decode:
+                d, b = plan[j]
+                if d not in shifted:
+                    shifted[d] = _shift(words, d)
+                f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u
+                u, kk, coef = top_terms(j, k0)
+                if scale_after:
+                    # (code - zero) * u, exact in bf16 / f16 (<= 8 significant bits)
+                    d_ = jax.lax.dot(xt, (f - kk).astype(cdt), preferred_element_type=jnp.float32)
+                    acc = acc + d_ * coef
+                else:
+                    # (code - zero) * scale as one FFMA: f * (s / u) - (1 + z u) * (s / u)
+                    a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
+                    w = (f * a_ + (-kk * a_)).astype(cdt)
+                    acc = acc + jax.lax.dot(xt, w, preferred_element_type=jnp.float32)
+                continue
             s, z = group_of(k0)
             f = _decode_codes(words, j * bits, bits, z)
-            xt = x_tile(j, k0)
             if scale_after:
                 # bf16 holds every |code - zero| <= 256 exactly: the dot sees the exact codes.
                 d = jax.lax.dot(xt, f.astype(cdt), preferred_element_type=jnp.float32)
@@ -377,12 +668,13 @@ def quant_matmul_pallas(x, packed, scales, zeros, *, bits: int, group_size: int,
 
 
 def _check_config(cfg: Config, m, n, s_rows, group_size, in_features):
-    if cfg.mode not in ("gemv_dot", "gemv_fma", "gemv_fma2", "gemm"):
+    if cfg.mode not in MODES:
         raise ValueError(f"unknown kernel mode {cfg.mode!r}")
-    for name in ("bn", "rows") + (("bm",) if not cfg.mode.startswith("gemv_fma") else ()):
+    for name in ("bn", "rows") + (("bm",) if cfg.mode in ("gemv_dot", "gemm") else ()):
         v = getattr(cfg, name)
-        if v < 16 or v & (v - 1):
-            raise ValueError(f"config.{name}={v} must be a power of 2 >= 16")
+        lo = 8 if (cfg.mode in ("gemv_red", "gemv_row") and name == "rows") else 16  # no dot
+        if v < lo or v & (v - 1):
+            raise ValueError(f"config.{name}={v} must be a power of 2 >= {lo}")
     if cfg.rows > max_rows_per_step(s_rows, group_size, in_features):
         raise ValueError(
             f"config.rows={cfg.rows} must divide S={s_rows} and the group size {group_size}"
@@ -392,5 +684,5 @@ def _check_config(cfg: Config, m, n, s_rows, group_size, in_features):
         raise ValueError("the gemm mode does not split K")
     if steps % cfg.splits:
         raise ValueError(f"config.splits={cfg.splits} must divide S / rows = {steps}")
-    if cfg.mode.startswith("gemv_fma") and m > DECODE_MAX_ROWS:
+    if cfg.mode in ("gemv_fma", "gemv_fma2", "gemv_red", "gemv_row") and m > DECODE_MAX_ROWS:
         raise ValueError(f"{cfg.mode} unrolls over the M={m} rows; use it for M <= {DECODE_MAX_ROWS}")

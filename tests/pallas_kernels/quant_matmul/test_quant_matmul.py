@@ -104,10 +104,31 @@ INTERPRET_CASES = [
     (130, 384, 40, 4, 128, True, jnp.float16, Config("gemm", 32, 32, 32)),
     (3, 160, 40, 2, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 32, 16)),
     (17, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemm", 32, 32, 16)),
+    # gemv_red / gemv_row (top-of-mantissa decode, offsets and scales on partial sums), with
+    # ragged N, the slab that straddles K, split-K, zeros, per-channel, every bit width, prefetch
+    (1, 160, 200, 4, 32, False, jnp.bfloat16, Config("gemv_red", 16, 64, 16, splits=2)),
+    (3, 160, 200, 8, "pc", True, jnp.float16, Config("gemv_red", 16, 64, 16, splits=3)),
+    (2, 384, 72, 4, 128, True, jnp.float32, Config("gemv_red", 16, 32, 8, prefetch=True)),
+    (1, 160, 40, 2, 32, True, jnp.bfloat16, Config("gemv_red", 16, 32, 16)),
+    (1, 160, 200, 4, 32, False, jnp.bfloat16, Config("gemv_row", 16, 64, 16, splits=2)),
+    (3, 160, 200, 8, "pc", True, jnp.float16, Config("gemv_row", 16, 64, 8, splits=3,
+                                                     prefetch=True)),
+    (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, splits=2,
+                                                    prefetch=True)),
+    (2, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemv_row", 16, 32, 16)),
+    (1, 160, 48, 8, 32, False, jnp.bfloat16, Config("gemv_row", 16, 16, 16, splits=2)),
+    # fast decode in the dot paths
+    (3, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 64, 16, splits=2,
+                                                    fast_decode=True)),
+    (3, 160, 200, 8, "pc", True, jnp.bfloat16, Config("gemv_dot", 16, 64, 16, splits=3,
+                                                      fast_decode=True, scale_after_dot=False)),
+    (17, 160, 200, 8, 32, True, jnp.bfloat16, Config("gemm", 16, 64, 16, fast_decode=True)),
+    (130, 160, 200, 4, "pc", False, jnp.bfloat16, Config("gemm", 64, 64, 32, fast_decode=True)),
+    (17, 96, 40, 3, 32, False, jnp.float16, Config("gemm", 32, 32, 16, fast_decode=True)),
 ]
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}{'-fast' if c[7].fast_decode else ''}{'-pf' if c[7].prefetch else ''}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
 def test_kernel_matches_reference_interpret(rng, case):
     m, k, n, bits, group, with_zeros, sdt, cfg = case
     g = k if group == "pc" else group
@@ -147,6 +168,56 @@ def test_xla_dequant_path_matches_reference(rng, xdt):
     assert _rel(out, ref) < REL_TOL
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_field_plan_is_exact_and_in_window(bits):
+    # Every field lands in the top-of-mantissa window, decodes to 1 + code * 2**(b - 23) exactly
+    # for every code, and int4 / int8 need only 2 real shifts per word.
+    plan = qk._field_plan(bits)
+    assert len(plan) == 32 // bits
+    top = 23 - bits
+    for j, (d, b) in enumerate(plan):
+        assert b == j * bits + d and top - qk.FIELD_SLACK <= b <= top
+        codes = np.arange(2**bits, dtype=np.uint32)
+        words = codes << np.uint32(j * bits)
+        sh = words << np.uint32(d) if d >= 0 else words >> np.uint32(-d)
+        f = ((sh & np.uint32(((1 << bits) - 1) << b)) | np.uint32(qk.ONE_BITS)).view(np.float32)
+        np.testing.assert_array_equal(f, 1 + codes.astype(np.float64) * 2.0 ** (b - 23))
+    if bits in (4, 8):
+        assert len({d for d, _ in plan if d}) == 2
+
+
+def test_gemv_red_fp32_accuracy(rng):
+    # fp32 activations and output: the offset removed after the sums costs ~1e-5, far under the
+    # bf16 rounding the other paths pay.
+    k, n, bits, g = 384, 72, 4, 128
+    _, packed, scales, zeros = make_case(rng, k, n, bits, g, True, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+    kw = dict(bits=bits, group_size=g, in_features=k)
+    ref = quant_matmul_reference(x, packed, scales, zeros, **kw)
+    for mode in ("gemv_red", "gemv_row"):
+        out = qk.quant_matmul_pallas(x, packed, scales, zeros, interpret=True,
+                                     config=Config(mode, 16, 32, 16), **kw)
+        assert _rel(out, ref) < 2e-4
+
+
+def test_candidates_by_name_fit_shapes():
+    # Every named candidate clamps to a valid config at the 27B shapes (what --sweep3 runs and
+    # what _TABLE may name).
+    for name, entry in qk.CANDIDATES.items():
+        for k, n in [(5120, 34816), (17408, 5120), (5120, 10240), (6144, 5120)]:
+            for bits, g in [(4, 128), (8, 32), (8, k)]:
+                s = layout.slab_rows(k, bits, g)
+                m = 512 if entry["mode"] == "gemm" else 1
+                cfg = qk.choose_config(m, n, bits=bits, group_size=g, in_features=k,
+                                       candidate=name)
+                qk._check_config(cfg, m, n, s, g, k)
+                assert cfg.mode == entry["mode"]
+    for key, name in qk._TABLE.items():
+        assert name in qk.CANDIDATES, key
+    with pytest.raises(KeyError):
+        qk.choose_config(1, 64, bits=4, group_size=32, in_features=160, candidate="nope")
+
+
 def test_choose_config_fits_shapes():
     # The 27B shapes: rows divide S and the group, splits divide the steps, enough programs.
     for k, n in [(5120, 34816), (17408, 5120), (5120, 10240), (6144, 5120)]:
@@ -156,7 +227,9 @@ def test_choose_config_fits_shapes():
                 cfg = qk.choose_config(m, n, bits=bits, group_size=g, in_features=k)
                 qk._check_config(cfg, m, n, s, g, k)
                 if m <= qk.DECODE_MAX_ROWS:
-                    assert (n // cfg.bn) * cfg.splits >= min(qk.DECODE_TARGET_PROGRAMS, n // cfg.bn * (s // cfg.rows))
+                    name = qk.table_entry(m, bits=bits, group_size=g, in_features=k)
+                    target = qk.CANDIDATES[name].get("target", qk.DEFAULT_TARGET_PER_SM) * qk.NUM_SMS
+                    assert (n // cfg.bn) * cfg.splits >= min(target, n // cfg.bn * (s // cfg.rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +324,19 @@ def test_kernel_matches_reference_gpu(rng, case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Pallas Triton kernels)")
-@pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2"])
-def test_decode_modes_gpu(rng, mode):
-    m, k, n, bits, g = 2, 1024, 512, 4, 128
+@pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row",
+                                  "gemv_row-pf", "gemv_dot-fast", "gemm-fast"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_modes_gpu(rng, mode, bits):
+    m, k, n, g = 2, 1024, 520, 128  # ragged N
     _, packed, scales, zeros = make_case(rng, k, n, bits, g, True)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     kw = dict(bits=bits, group_size=g, in_features=k)
-    cfg = Config(mode, 16, 128, 64, splits=2)
+    mode, _, flag = mode.partition("-")
+    cfg = Config(mode, 16, 128, 16 if mode in ("gemv_red", "gemv_row") else 64, splits=2,
+                 fast_decode=flag == "fast", prefetch=flag == "pf")
+    if mode == "gemm":
+        cfg = Config("gemm", 16, 64, 32, fast_decode=True)
     out = qk.quant_matmul_pallas(x, packed, scales, zeros, config=cfg, **kw)
     ref = quant_matmul_reference(x.astype(jnp.float32), packed, scales, zeros, **kw)
     assert _rel(out, ref) < REL_TOL
