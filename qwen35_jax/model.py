@@ -141,6 +141,7 @@ class GatedDeltaNet(nnx.Module):
     """``linear_attn``: see :func:`qwen35_jax.layers.gated_deltanet`."""
 
     _REST = ("conv1d", "dt_bias", "A_log", "norm", "out_proj")
+    _NAMES = L.FUSED_PROJECTIONS["in_proj_qkvzba"] + _REST  # the separate (HF) layout
 
     def __init__(self, c: TextConfig, *, dtype, fused: bool = False):
         D = c.hidden_size
@@ -152,7 +153,7 @@ class GatedDeltaNet(nnx.Module):
             self.in_proj_z = Linear(D, c.linear_value_dim, axes=("gdn_v", "embed"), dtype=dtype)
             self.in_proj_b = Linear(D, c.linear_num_value_heads, axes=("gdn_heads", "embed"), dtype=dtype)
             self.in_proj_a = Linear(D, c.linear_num_value_heads, axes=("gdn_heads", "embed"), dtype=dtype)
-        self._NAMES = _projection_names("in_proj_qkvzba", fused) + self._REST
+        self._names = _projection_names("in_proj_qkvzba", fused) + self._REST
         self.conv1d = DepthwiseConv1d(c.linear_conv_dim, c.linear_conv_kernel_dim, dtype=dtype)
         self.dt_bias = _param((c.linear_num_value_heads,), dtype, ("gdn_heads",))
         self.A_log = _param((c.linear_num_value_heads,), dtype, ("gdn_heads",))
@@ -163,7 +164,7 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x, *, mask, options: RuntimeOptions, conv_state=None, recurrent_state=None):
         c = self.c
         return L.gated_deltanet(
-            x, _values(self, self._NAMES),
+            x, _values(self, self._names),
             num_k_heads=c.linear_num_key_heads, num_v_heads=c.linear_num_value_heads,
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, eps=c.rms_norm_eps,
             mask=mask, conv_state=conv_state, recurrent_state=recurrent_state,
@@ -177,7 +178,7 @@ class GatedDeltaNet(nnx.Module):
         :func:`qwen35_jax.layers.gated_deltanet_steps`."""
         c = self.c
         return L.gated_deltanet_steps(
-            x, _values(self, self._NAMES), num_k_heads=c.linear_num_key_heads, num_v_heads=c.linear_num_value_heads,
+            x, _values(self, self._names), num_k_heads=c.linear_num_key_heads, num_v_heads=c.linear_num_value_heads,
             k_head_dim=c.linear_key_head_dim, v_head_dim=c.linear_value_head_dim, eps=c.rms_norm_eps,
             conv_state=cache.conv, recurrent_state=cache.recurrent, implementation=implementation,
         )
@@ -187,6 +188,7 @@ class Attention(nnx.Module):
     """``self_attn``: gated GQA attention with q/k norms and partial RoPE."""
 
     _REST = ("o_proj", "q_norm", "k_norm")
+    _NAMES = L.FUSED_PROJECTIONS["qkv_proj"] + _REST  # the separate (HF) layout
 
     def __init__(self, c: TextConfig, *, dtype, fused: bool = False):
         D, H, KV, Dh = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -196,7 +198,7 @@ class Attention(nnx.Module):
             self.q_proj = Linear(D, 2 * H * Dh, axes=("q_heads", "embed"), dtype=dtype)
             self.k_proj = Linear(D, KV * Dh, axes=("kv_heads", "embed"), dtype=dtype)
             self.v_proj = Linear(D, KV * Dh, axes=("kv_heads", "embed"), dtype=dtype)
-        self._NAMES = _projection_names("qkv_proj", fused) + self._REST
+        self._names = _projection_names("qkv_proj", fused) + self._REST
         self.o_proj = Linear(H * Dh, D, axes=("embed", "o_heads"), dtype=dtype)
         self.q_norm = RMSNorm(Dh, eps=c.rms_norm_eps, dtype=dtype, axis=None)
         self.k_norm = RMSNorm(Dh, eps=c.rms_norm_eps, dtype=dtype, axis=None)
@@ -205,7 +207,7 @@ class Attention(nnx.Module):
     def __call__(self, x, *, cos, sin, mask, options: RuntimeOptions):
         c = self.c
         return L.gated_attention(
-            x, _values(self, self._NAMES), num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+            x, _values(self, self._names), num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, eps=c.rms_norm_eps, cos=cos, sin=sin, mask=mask, implementation=options.attention,
         )
 
@@ -217,7 +219,7 @@ class Attention(nnx.Module):
         from qwen35_jax.cache import read_kv, write_kv
 
         c = self.c
-        p = _values(self, self._NAMES)
+        p = _values(self, self._names)
         q, k, v, gate = L.attention_qkv(x, p, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
                                         head_dim=c.head_dim, eps=c.rms_norm_eps, cos=cos, sin=sin)
         cache = write_kv(cache, k, v, slots)
@@ -238,10 +240,10 @@ class MLP(nnx.Module):
             self.gate_proj = Linear(D, F, axes=("mlp", "embed"), dtype=dtype)
             self.up_proj = Linear(D, F, axes=("mlp", "embed"), dtype=dtype)
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), dtype=dtype)
-        self._NAMES = _projection_names("gate_up_proj", fused) + ("down_proj",)
+        self._names = _projection_names("gate_up_proj", fused) + ("down_proj",)
 
     def __call__(self, x):
-        return L.swiglu_mlp(x, _values(self, self._NAMES))
+        return L.swiglu_mlp(x, _values(self, self._names))
 
 
 class DecoderLayer(nnx.Module):
