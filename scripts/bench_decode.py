@@ -36,14 +36,20 @@ from benchlib import device_info, peak_memory_gb, print_table, write_json  # noq
 HF_ANCHOR_TOK_S = 6.82  # transformers 5.17 generate, bf16, batch 1, prompt 512, 64 new tokens, same H100 model
 
 
-def random_state(cfg, batch, context, max_len, *, layer_types=None, seed=0) -> DecodeState:
-    """A decode state whose first ``context`` slots hold random keys/values (scale of real k-normed keys)."""
-    state = init_decode_state(cfg, batch, max_len, dtype=jnp.bfloat16, layer_types=layer_types)
+def random_state(cfg, batch, context, max_len, *, layer_types=None, seed=0, kv_dtype=None) -> DecodeState:
+    """A decode state whose first ``context`` slots hold random keys/values (scale of real k-normed keys);
+    ``kv_dtype`` "int8" / "fp8": a quantized cache (random codes, per-slot scales of 1/64)."""
+    state = init_decode_state(cfg, batch, max_len, dtype=jnp.bfloat16, layer_types=layer_types, kv_dtype=kv_dtype)
     key = jax.random.key(seed)
     layers = []
     for i, layer in enumerate(state.layers):
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        if isinstance(layer, KVCache):
+        if isinstance(layer, KVCache) and layer.quantized:
+            def codes(k, like):
+                return (64 * jax.random.normal(k, like.shape, jnp.float32)).clip(-127, 127).astype(like.dtype)
+            layers.append(KVCache(codes(k1, layer.k), codes(k2, layer.v),
+                                  jnp.full_like(layer.k_scale, 1 / 64), jnp.full_like(layer.v_scale, 1 / 64)))
+        elif isinstance(layer, KVCache):
             layers.append(KVCache(jax.random.normal(k1, layer.k.shape, jnp.bfloat16),
                                   jax.random.normal(k2, layer.v.shape, jnp.bfloat16)))
         else:
@@ -87,7 +93,7 @@ def time_steps(fn, carry, n):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="1x512,8x512,1x32768,8x32768", help="batch x context")
+    ap.add_argument("--cases", default="1x512,8x512,1x32768,8x32768", help="batch x context[:kv dtype] (int8 or fp8: a quantized KV cache; default bf16)")
     ap.add_argument("--drafts", default="1,3", help="MTP draft counts to time (empty: none)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--layouts", default="fused,separate",
@@ -118,7 +124,8 @@ def main(argv=None):
         rows += run_cases(cfg, params, options, cases, args, layout)
         del params
     print(f"\nQwen3.5-27B decode, bf16, random weights; {device_info()}")
-    print_table(rows, [("layout", "layout"), ("batch", "batch"), ("context", "context"), ("mode", "mode"),
+    print_table(rows, [("layout", "layout"), ("batch", "batch"), ("context", "context"), ("kv", "KV cache"),
+                       ("mode", "mode"),
                        ("ms_per_step", "ms/step"),
                        ("tok_s", "tok/s"), ("hf_tok_s", "transformers tok/s"),
                        ("verify_cost_x_plain", "round cost / plain step"),
@@ -130,14 +137,16 @@ def main(argv=None):
 def run_cases(cfg, params, options, cases, args, layout):
     rows = []
     for case in cases:
-        B, ctx = map(int, case.split("x"))
+        shape, _, kv_dtype = case.partition(":")
+        B, ctx = map(int, shape.split("x"))
+        kv_dtype = kv_dtype or None
         max_len = G.cache_length(ctx, args.steps + 8, 3)
         try:
-            state = random_state(cfg, B, ctx, max_len)
+            state = random_state(cfg, B, ctx, max_len, kv_dtype=kv_dtype)
             tok = first_tokens(cfg, B)
             one = greedy_stepper(cfg, params, options, B)
             t, _ = time_steps(one, (tok, state, jax.random.key(0)), args.steps)
-            row = {"layout": layout, "batch": B, "context": ctx, "mode": "plain", "ms_per_step": t * 1e3, "tok_s": B / t,
+            row = {"layout": layout, "batch": B, "context": ctx, "kv": kv_dtype or "bf16", "mode": "plain", "ms_per_step": t * 1e3, "tok_s": B / t,
                    "hf_tok_s": HF_ANCHOR_TOK_S if (B, ctx) == (1, 512) else None, "peak_gb": peak_memory_gb()}
             rows.append(row)
             plain = row["ms_per_step"]
@@ -148,8 +157,9 @@ def run_cases(cfg, params, options, cases, args, layout):
             continue
         for K in [int(k) for k in args.drafts.split(",") if k]:
             try:
-                state = random_state(cfg, B, ctx, max_len)
-                mtp_state = random_state(cfg, B, ctx, max_len, layer_types=(FULL_ATTENTION,), seed=1)
+                state = random_state(cfg, B, ctx, max_len, kv_dtype=kv_dtype)
+                mtp_state = random_state(cfg, B, ctx, max_len, layer_types=(FULL_ATTENTION,), seed=1,
+                                         kv_dtype=kv_dtype)
                 drafts = jnp.zeros((B, K), jnp.int32) + 7
                 rnd = G._jitted("spec_round")
 
@@ -159,7 +169,7 @@ def run_cases(cfg, params, options, cases, args, layout):
                     return last, drafts, state, mtp_state
 
                 t, _ = time_steps(one_round, (tok, drafts, state, mtp_state), max(8, args.steps // 4))
-                row = {"layout": layout, "batch": B, "context": ctx, "mode": f"MTP K={K}", "ms_per_step": t * 1e3,
+                row = {"layout": layout, "batch": B, "context": ctx, "kv": kv_dtype or "bf16", "mode": f"MTP K={K}", "ms_per_step": t * 1e3,
                        "verify_cost_x_plain": t * 1e3 / plain,
                        "tok_s_at_accept_0.5": B * (1 + 0.5 * K) / t, "tok_s_at_accept_0.8": B * (1 + 0.8 * K) / t,
                        "peak_gb": peak_memory_gb()}

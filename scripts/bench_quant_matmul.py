@@ -142,7 +142,7 @@ def _cfg_str(c):
         return c
     return (f"{c.mode} bm{c.bm} bn{c.bn} R{c.rows} s{c.splits} w{c.num_warps} st{c.num_stages}"
             + ("" if c.scale_after_dot or c.mode != "gemv_dot" else " prescale")
-            + (" fast" if c.fast_decode else "") + (" pf" if c.prefetch else ""))
+            + (" fast" if c.fast_decode else "") + (" pf" if c.prefetch else "") + (" T" if c.transposed else ""))
 
 
 def _print_row(r):
@@ -258,27 +258,82 @@ SWEEP3 = (  # in priority order (--time-budget skips the tail)
 )
 
 
-def run_sweep3(rows, reps, budget, t_start, smoke=False):
-    """Every SWEEP3 entry: a GPU correctness check against the fp32 reference (rel. error, fresh
-    activations, same weights), then the timing of run_case. Returns the rows."""
+# --sweep4: the prefill regime (M >= 512), where the issue asks for <= 1.25x the bf16 matmul:
+# the Triton-lowered gemm variants (dequantized weights as the dot's second operand, through shared
+# memory, or transposed: as the first operand, from registers), XLA dequantize + bf16 dot, and a
+# plain Pallas bf16 matmul ("pallas_bf16": what the Triton lowering reaches with no decode at all).
+_GEMM4 = ["gemm_128x128_r32_w8", "gemm_128x128_r32_w8_fast", "gemm_t_128x128_r32_w8",
+          "gemm_t_64x128_r32_w4_st3", "gemm_t_128x128_r16_w8_st3"]
+SWEEP4 = (
+    [(5120, 34816, 512, None, "xla_bf16"), (5120, 34816, 512, None, "pallas_bf16")]
+    + [(5120, 34816, 512, sc, c) for sc in ("int4_g128", "int8_g32") for c in _GEMM4 + ["xla_deq"]]
+    + [(5120, 34816, 4096, None, "xla_bf16"), (5120, 34816, 4096, None, "pallas_bf16")]
+    + [(5120, 34816, 4096, sc, c) for sc in ("int4_g128", "int8_g32")
+       for c in ("xla_deq", "gemm_t_128x128_r32_w8")]
+)
+
+
+def pallas_bf16(bm=128, bn=256, bk=64, num_warps=8, num_stages=3):
+    """A plain Pallas (Triton lowering) bf16 matmul x [M, K] @ w [K, N], fp32 accumulation: the
+    ceiling of what a Triton-lowered prefill kernel reaches before any weight decoding."""
+    from jax.experimental import pallas as pl_
+
+    def kernel(x_ref, w_ref, o_ref):
+        m0, n0 = pl_.program_id(0) * bm, pl_.program_id(1) * bn
+        nk = x_ref.shape[1] // bk
+
+        def body(i, acc):
+            k0 = pl_.multiple_of(i * bk, bk)
+            return acc + jax.lax.dot(x_ref[pl_.ds(m0, bm), pl_.ds(k0, bk)],
+                                     w_ref[pl_.ds(k0, bk), pl_.ds(n0, bn)],
+                                     preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, nk, body, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[pl_.ds(m0, bm), pl_.ds(n0, bn)] = acc.astype(o_ref.dtype)
+
+    def fn(x, w):
+        m, k = x.shape
+        n = w.shape[1]
+        if m % bm or n % bn or k % bk:
+            raise ValueError(f"pallas_bf16 needs M % {bm}, N % {bn}, K % {bk} == 0")
+        return pl_.pallas_call(
+            kernel, out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), grid=(m // bm, n // bn),
+            interpret=INTERPRET,
+            compiler_params=None if INTERPRET else qk._triton_compiler_params(num_warps, num_stages),
+        )(x, w)
+
+    return fn
+
+
+def run_sweep3(rows, reps, budget, t_start, smoke=False, plan=None):
+    """Every entry of ``plan`` (default SWEEP3): a GPU correctness check against the fp32 reference
+    (rel. error, fresh activations, same weights), then the timing of run_case. Returns the rows."""
     from pallas_kernels.quant_matmul import quant_matmul_reference
 
     key = jax.random.key(3)
     cache = {}
-    plan = SWEEP3
+    plan = SWEEP3 if plan is None else plan
     if smoke:  # tiny shapes, interpreted, a few entries of each kind
         plan = [(256, 512, 1, None, "xla_bf16")] + [
             (256, 512, 1, sc, c) for sc in SCHEMES for c in ("dot_r64_w4", "red_r8_bn128_w1",
                                                               "row_r8_bn128_w1_pf")] + [
             (256, 512, 64, "int8_g32", "gemm_128x128_r32_w8_fast"),
-            (256, 512, 64, "int8_g32", "xla_deq")]
+            (256, 512, 64, "int8_g32", "xla_deq"), (256, 512, 64, "int4_g128", "gemm_t_128x128_r32_w8"),
+            (256, 512, 64, None, "pallas_bf16")]
     for k, n, m, scheme, what in plan:
         if budget and time.perf_counter() - t_start > budget:
             print(f"time budget reached: skipping {k}x{n} M={m} {scheme} {what}", flush=True)
             continue
-        if what == "xla_bf16":
+        if what in ("xla_bf16", "pallas_bf16"):
             wb = jax.random.normal(key, (k, n), jnp.bfloat16)
-            run_case(rows, k, n, m, "xla_bf16", xla_bf16, (wb,), wb.size * 2, reps)
+            if what == "xla_bf16":
+                run_case(rows, k, n, m, "xla_bf16", xla_bf16, (wb,), wb.size * 2, reps)
+            else:
+                fn, label = pallas_bf16(bm=min(128, pl_next_pow2(m))), "bm128 bn256 bk64 w8 st3"
+                try:
+                    run_case(rows, k, n, m, "pallas_bf16", fn, (wb,), wb.size * 2, reps, label)
+                except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+                    print(f"pallas_bf16 {k}x{n} M={m}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             del wb
             continue
         if (k, n, scheme) not in cache:
@@ -333,6 +388,9 @@ def main():
     ap.add_argument("--sweep3", action="store_true",
                     help="round 3: every named kernel.CANDIDATES entry at M=1 (3 shapes, 3 schemes) "
                          "and the int8 g32 M=512 options, each checked against the fp32 reference")
+    ap.add_argument("--sweep4", action="store_true",
+                    help="round 4: the prefill regime (M = 512, 4096): gemm variants incl. transposed, "
+                         "XLA dequantize + dot, a plain Pallas bf16 matmul")
     ap.add_argument("--no-bench", action="store_true", help="only the sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=7)
@@ -384,6 +442,11 @@ def main():
         run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke)
         write_json(args.json and args.json.replace(".json", "_sweep3.json"),
                    {"device": info, "rows": sweep3_rows})
+    if args.sweep4:
+        n0 = len(sweep3_rows)
+        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP4)
+        write_json(args.json and args.json.replace(".json", "_sweep4.json"),
+                   {"device": info, "rows": sweep3_rows[n0:]})
 
     if not args.no_bench:
         shapes = SHAPES[:1] if args.quick else SHAPES

@@ -33,14 +33,15 @@ def test_hf_parity_passes_and_fails_by_tolerance(hf_checkpoints, tmp_path):
 
 def test_bench_decode_tiny_runs_every_mode(tmp_path):
     out = tmp_path / "decode.json"
-    r = _run(ROOT / "scripts" / "bench_decode.py", "--tiny", "--cases", "1x64,2x64", "--drafts", "1", "--steps", "2",
-             "--json", out)
+    r = _run(ROOT / "scripts" / "bench_decode.py", "--tiny", "--cases", "1x64,2x64:int8", "--drafts", "1",
+             "--steps", "2", "--json", out)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failed" not in r.stdout, r.stdout  # a case that raises is reported, not fatal: catch it here
     rows = json.loads(out.read_text())["rows"]
     # every case in the fused layout, the default --separate-cases (1x512, not run here) in the other
-    assert {(row["layout"], row["batch"], row["mode"]) for row in rows} == {
-        ("fused", 1, "plain"), ("fused", 1, "MTP K=1"), ("fused", 2, "plain"), ("fused", 2, "MTP K=1")}
+    assert {(row["layout"], row["batch"], row["kv"], row["mode"]) for row in rows} == {
+        ("fused", 1, "bf16", "plain"), ("fused", 1, "bf16", "MTP K=1"),
+        ("fused", 2, "int8", "plain"), ("fused", 2, "int8", "MTP K=1")}
     r = _run(ROOT / "scripts" / "bench_decode.py", "--tiny", "--cases", "1x64", "--drafts", "", "--steps", "2",
              "--layouts", "separate")
     assert r.returncode == 0 and "separate" in r.stdout, r.stdout + r.stderr

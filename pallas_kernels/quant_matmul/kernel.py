@@ -100,6 +100,9 @@ class Config:
     fast_decode: gemm / gemv_dot: decode with the top-of-mantissa trick (module docstring): one
       shift per two int4 fields and, in gemm, ``(code - zero) * scale`` as one FFMA. gemv_red
       always decodes this way.
+    transposed: gemm only: compute the transposed tile, decoded weights as the dot's first operand
+      (wgmma takes that one from registers; the activations go through shared memory). Always
+      decodes as ``fast_decode``.
     prefetch: gemv_red / gemv_row: load the next step's words before decoding the current ones
       (a register double buffer carried by the loop; Triton does not software-pipeline loads
       that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap).
@@ -115,6 +118,7 @@ class Config:
     scale_after_dot: bool = True
     fast_decode: bool = False
     prefetch: bool = False
+    transposed: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +198,13 @@ CANDIDATES = {
                                          num_stages=3, fast_decode=True),
     "gemm_128x128_r16_w8_st3_fast": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
                                          num_stages=3, fast_decode=True),
+    # transposed (decoded weights as the dot's first operand, wgmma reads it from registers)
+    "gemm_t_128x128_r32_w8": dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8,
+                                  num_stages=2, transposed=True),
+    "gemm_t_64x128_r32_w4_st3": dict(mode="gemm", bm=64, bn=128, rows=32, num_warps=4,
+                                     num_stages=3, transposed=True),
+    "gemm_t_128x128_r16_w8_st3": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
+                                      num_stages=3, transposed=True),
 }
 
 # Measured on one H200 (jax 0.11.2, 2026-12-02; NOTES.md has the sweeps). Keys: (regime, bits of
@@ -563,6 +574,35 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         mask = rows_ok if cmask is None else (cmask if rows_ok is None else rows_ok & cmask)
         return _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, r)), mask).astype(cdt)  # [bm, R]
 
+    if cfg.mode == "gemm" and cfg.transposed:
+        # acc^T [bn, bm] = sum_j deq(W_j)^T [bn, R] @ x_j^T [R, bm]: the decoded weights are the
+        # dot's first operand, which Hopper's wgmma reads from registers; the activations are the
+        # second, staged in shared memory by the pipelined loads. Decode as in fast_decode.
+        def body_t(c, acc):
+            r0 = pl.multiple_of(row_base + c * r, r)
+            words = _load(w_ref, (pl.ds(r0, r), cols), col_ok).T  # [bn, R] uint32
+            shifted = {}
+            for j in live_slabs:
+                k0 = j * s_rows + r0
+                xt = x_tile(j, k0)  # [bm, R]
+                d, b = plan[j]
+                if d not in shifted:
+                    shifted[d] = _shift(words, d)
+                f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
+                _, kk, coef = top_terms(j, k0)
+                a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
+                a_, kk_ = a_.T, (kk.T if hasattr(kk, "T") and jnp.ndim(kk) == 2 else kk)
+                w = (f * a_ + (-kk_ * a_)).astype(cdt)  # [bn, R]
+                acc = acc + jax.lax.dot(w, xt.T, preferred_element_type=jnp.float32)
+            return acc
+
+        acc = jax.lax.fori_loop(0, steps, body_t, jnp.zeros((bn, bm), jnp.float32)).T
+        mask = rows_ok
+        if col_ok is not None:
+            mask = col_ok if mask is None else mask & col_ok
+        _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
+        return
+
     def body(c, acc):
         r0 = pl.multiple_of(row_base + c * r, r)
         words = _load(w_ref, (pl.ds(r0, r), cols), col_ok)  # [R, bn] uint32, read once
@@ -682,6 +722,8 @@ def _check_config(cfg: Config, m, n, s_rows, group_size, in_features):
     steps = s_rows // cfg.rows
     if cfg.mode == "gemm" and cfg.splits != 1:
         raise ValueError("the gemm mode does not split K")
+    if cfg.transposed and cfg.mode != "gemm":
+        raise ValueError(f"config.transposed applies to the gemm mode only, not {cfg.mode!r}")
     if steps % cfg.splits:
         raise ValueError(f"config.splits={cfg.splits} must divide S / rows = {steps}")
     if cfg.mode in ("gemv_fma", "gemv_fma2", "gemv_red", "gemv_row") and m > DECODE_MAX_ROWS:
