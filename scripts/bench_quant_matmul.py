@@ -262,14 +262,14 @@ SWEEP3 = (  # in priority order (--time-budget skips the tail)
 # the Triton-lowered gemm variants (dequantized weights as the dot's second operand, through shared
 # memory, or transposed: as the first operand, from registers), XLA dequantize + bf16 dot, and a
 # plain Pallas bf16 matmul ("pallas_bf16": what the Triton lowering reaches with no decode at all).
-_GEMM4 = ["gemm_128x128_r32_w8", "gemm_128x128_r32_w8_fast", "gemm_t_128x128_r32_w8",
-          "gemm_t_64x128_r32_w4_st3", "gemm_t_128x128_r16_w8_st3"]
+_GEMM4 = ["gemm_128x128_r32_w8", "gemm_128x128_r32_w8_fast", "gemm_t_64x128_r16_w4_st4",
+          "gemm_t_128x128_r16_w8_st3", "gemm_t_128x128_r32_w8", "gemm_t_256x128_r16_w8_st3"]
 SWEEP4 = (
     [(5120, 34816, 512, None, "xla_bf16"), (5120, 34816, 512, None, "pallas_bf16")]
     + [(5120, 34816, 512, sc, c) for sc in ("int4_g128", "int8_g32") for c in _GEMM4 + ["xla_deq"]]
     + [(5120, 34816, 4096, None, "xla_bf16"), (5120, 34816, 4096, None, "pallas_bf16")]
     + [(5120, 34816, 4096, sc, c) for sc in ("int4_g128", "int8_g32")
-       for c in ("xla_deq", "gemm_t_128x128_r32_w8")]
+       for c in ("xla_deq", "gemm_t_128x128_r16_w8_st3", "gemm_t_256x128_r16_w8_st3")]
 )
 
 

@@ -198,12 +198,18 @@ CANDIDATES = {
                                          num_stages=3, fast_decode=True),
     "gemm_128x128_r16_w8_st3_fast": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
                                          num_stages=3, fast_decode=True),
-    # transposed (decoded weights as the dot's first operand, wgmma reads it from registers)
+    # transposed (decoded weights as the dot's first operand, wgmma reads it from registers).
+    # Offline compile (pip triton 3.6 with the make_ttir passes XLA's pipeline also runs, sm_90,
+    # int4 g128 K=5120): no spills; registers / shared memory 157 / 94 KB (64x128 r16 w4 st4: two
+    # programs per SM), 125 / 123 KB (128x128 r16 w8 st3), 166 / 158 KB (128x128 r32 w8 st2),
+    # 196 / 221 KB (256x128 r16 w8 st3: the decode of a weight tile shared by 256 rows).
+    "gemm_t_64x128_r16_w4_st4": dict(mode="gemm", bm=64, bn=128, rows=16, num_warps=4,
+                                     num_stages=4, transposed=True),
+    "gemm_t_128x128_r16_w8_st3": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
+                                      num_stages=3, transposed=True),
     "gemm_t_128x128_r32_w8": dict(mode="gemm", bm=128, bn=128, rows=32, num_warps=8,
                                   num_stages=2, transposed=True),
-    "gemm_t_64x128_r32_w4_st3": dict(mode="gemm", bm=64, bn=128, rows=32, num_warps=4,
-                                     num_stages=3, transposed=True),
-    "gemm_t_128x128_r16_w8_st3": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
+    "gemm_t_256x128_r16_w8_st3": dict(mode="gemm", bm=256, bn=128, rows=16, num_warps=8,
                                       num_stages=3, transposed=True),
 }
 
