@@ -32,7 +32,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import layout
+from pallas_kernels.quant_matmul import dequantize_then_dot, layout
 from pallas_kernels.quant_matmul.api import XLA_DEQUANT_MIN_ROWS
 from pallas_kernels.quant_matmul import kernel as qk
 from pallas_kernels.quant_matmul.kernel import Config
@@ -113,6 +113,13 @@ def xla_deq_packed(kw):
     def f(x, packed, scales):
         w = dequantize(packed, scales, None, **kw).astype(jnp.bfloat16)
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return f
+
+
+def pallas_deq_packed(kw):
+    """The prefill path of quant_matmul on a GPU: the Pallas dequantization pass, then XLA's bf16 dot."""
+    def f(x, packed, scales):
+        return dequantize_then_dot(x, packed, scales, None, dequant="pallas", **kw)
     return f
 
 
@@ -266,10 +273,11 @@ _GEMM4 = ["gemm_128x128_r32_w8", "gemm_128x128_r32_w8_fast", "gemm_t_64x128_r16_
           "gemm_t_128x128_r16_w8_st3", "gemm_t_128x128_r32_w8", "gemm_t_256x128_r16_w8_st3"]
 SWEEP4 = (
     [(5120, 34816, 512, None, "xla_bf16"), (5120, 34816, 512, None, "pallas_bf16")]
-    + [(5120, 34816, 512, sc, c) for sc in ("int4_g128", "int8_g32") for c in _GEMM4 + ["xla_deq"]]
+    + [(5120, 34816, 512, sc, c) for sc in ("int4_g128", "int8_g32")
+       for c in _GEMM4 + ["xla_deq", "pallas_deq"]]
     + [(5120, 34816, 4096, None, "xla_bf16"), (5120, 34816, 4096, None, "pallas_bf16")]
     + [(5120, 34816, 4096, sc, c) for sc in ("int4_g128", "int8_g32")
-       for c in ("xla_deq", "gemm_t_128x128_r16_w8_st3", "gemm_t_256x128_r16_w8_st3")]
+       for c in ("xla_deq", "pallas_deq", "gemm_t_128x128_r16_w8_st3", "gemm_t_256x128_r16_w8_st3")]
 )
 
 
@@ -347,6 +355,8 @@ def run_sweep3(rows, reps, budget, t_start, smoke=False, plan=None):
         x, ref = refs[m]
         if what == "xla_deq":
             fn, cfg, label = xla_deq_packed(kw), None, "xla_dequant"
+        elif what == "pallas_deq":
+            fn, cfg, label = pallas_deq_packed(kw), None, "pallas_dequant + xla bf16 dot"
         else:
             cfg = qk.choose_config(m, n, candidate=what, **kw)
             fn, label = ours(kw, cfg), f"{what}: {_cfg_str(cfg)}"

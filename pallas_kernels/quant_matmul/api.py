@@ -126,14 +126,28 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
     return out.reshape(lead + (n,))
 
 
-def dequantize_then_dot(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int):
+def dequantize_then_dot(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
+                        dequant: str | None = None):
     """``x [M, K]`` @ the weight dequantized to bf16 (f16 for f16 x) ``[K, N]``, fp32 accumulation.
 
-    The prefill path: XLA materialises the bf16 weight (one pass over 2 bytes per weight) and runs
-    its tuned bf16 GEMM; each weight is rounded once to bf16, as in the Pallas GEMM.
+    The prefill path: the bf16 weight is materialised (one pass over 2 bytes per weight) and XLA runs
+    its tuned bf16 GEMM; each weight is rounded once to bf16, as in the Pallas GEMM. ``dequant``:
+    "pallas" (the memory-bound Pallas pass, ``kernel.dequantize_pallas``; GPU), "xla" (XLA's fusion of
+    ``reference.dequantize``), or None: "pallas" on a GPU where the kernels cover the shape.
     """
     cdt = jnp.float16 if x.dtype == jnp.float16 else jnp.bfloat16
-    w = reference.dequantize(packed, scales, zeros, bits=bits, group_size=group_size,
-                             in_features=in_features).astype(cdt)
+    kw = dict(bits=bits, group_size=group_size, in_features=in_features)
+    if dequant not in (None, "pallas", "xla"):
+        raise ValueError(f"dequant must be None, 'pallas' or 'xla', got {dequant!r}")
+    if dequant is None:
+        from pallas_kernels.quant_matmul import kernel
+
+        dequant = "pallas" if _on_gpu() and kernel.unsupported_reason(1, packed.shape[1], **kw) is None else "xla"
+    if dequant == "pallas":
+        from pallas_kernels.quant_matmul import kernel
+
+        w = kernel.dequantize_pallas(packed, scales, zeros, dtype=cdt, **kw)
+    else:
+        w = reference.dequantize(packed, scales, zeros, **kw).astype(cdt)
     out = jnp.dot(x.astype(cdt), w, preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
