@@ -281,6 +281,50 @@ SWEEP4 = (
 )
 
 
+# --sweep-dequant: the Pallas dequantization pass alone (the prefill path's first half), launch
+# settings (word rows per program, columns per program, warps); GB/s counts codes + scales read and
+# the bf16 weight written.
+DEQUANT_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (16, 512, 4), (16, 128, 4), (16, 256, 8),
+                   (32, 512, 8), (8, 512, 4)]
+
+
+def run_sweep_dequant(rows, reps):
+    from pallas_kernels.quant_matmul import kernel as qk_
+
+    k, n = SHAPES[0]
+    key = jax.random.key(5)
+    for scheme in ("int4_g128", "int8_g32"):
+        weights, nbytes, kw = quant_weights(k, n, scheme, key)
+        moved = nbytes + k * n * 2
+        for r, bn, w in DEQUANT_CONFIGS:
+            def fn(x, packed, scales, r=r, bn=bn, w=w):
+                return qk_.dequantize_pallas(packed, scales, None, rows=r, bn=bn, num_warps=w,
+                                             interpret=INTERPRET, **kw)
+            row = run_case(rows, k, n, 1, f"dequant_{scheme}", fn, weights, nbytes, reps,
+                           f"dequantize_pallas rows{r} bn{bn} w{w}")
+            if row.get("device_us"):
+                row["device_GBps"] = moved / row["device_us"] / 1e3
+                print(f"    moved {moved / 1e6:.0f} MB: {row['device_GBps']:.0f} GB/s", flush=True)
+        del weights
+    return rows
+
+
+# --sweep-m1: the decode candidates closest to the table's at M=1, K=5120 -> N=34816 (for a GPU
+# other than the one the table was tuned on).
+SWEEP_M1 = (
+    [(5120, 34816, 1, None, "xla_bf16")]
+    + [(5120, 34816, 1, sc, c) for sc in ("int4_g128", "int8_g32")
+       for c in ("row_r16_bn128_w1_pf_t16", "row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16",
+                 "row_r16_bn128_w1_pf", "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf")]
+)
+
+
+# --sweep-prefill: where the prefill path (Pallas dequantization pass + XLA bf16 GEMM) comes within
+# 1.25x of the bf16 GEMM, by rows.
+SWEEP_PREFILL = [(5120, 34816, m, sc, c) for m in (512, 1024, 2048, 4096)
+                 for sc, c in ((None, "xla_bf16"), ("int4_g128", "pallas_deq"), ("int8_g32", "pallas_deq"))]
+
+
 def pallas_bf16(bm=128, bn=256, bk=64, num_warps=8, num_stages=3):
     """A plain Pallas (Triton lowering) bf16 matmul x [M, K] @ w [K, N], fp32 accumulation: the
     ceiling of what a Triton-lowered prefill kernel reaches before any weight decoding."""
@@ -401,6 +445,15 @@ def main():
     ap.add_argument("--sweep4", action="store_true",
                     help="round 4: the prefill regime (M = 512, 4096): gemm variants incl. transposed, "
                          "XLA dequantize + dot, a plain Pallas bf16 matmul")
+    ap.add_argument("--sweep-dequant", action="store_true",
+                    help="the Pallas dequantization pass alone, several launch settings (GB/s moved)")
+    ap.add_argument("--sweep-m1", action="store_true",
+                    help="the decode candidates nearest the table's, M=1 at the first shape")
+    ap.add_argument("--sweep-prefill", action="store_true",
+                    help="the prefill path (dequantization pass + bf16 GEMM) against bf16 at M=512..4096")
+    ap.add_argument("--dequant-config", default=None,
+                    help="rows:bn:warps of the dequantization pass (kernel.DEQUANT_DEFAULTS), or 'best': "
+                         "the fastest int4 setting of this run's --sweep-dequant")
     ap.add_argument("--no-bench", action="store_true", help="only the sweep")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reps", type=int, default=7)
@@ -452,6 +505,34 @@ def main():
         run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke)
         write_json(args.json and args.json.replace(".json", "_sweep3.json"),
                    {"device": info, "rows": sweep3_rows})
+    if args.sweep_m1:
+        n0 = len(sweep3_rows)
+        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP_M1)
+        write_json(args.json and args.json.replace(".json", "_m1.json"),
+                   {"device": info, "rows": sweep3_rows[n0:]})
+    if args.sweep_dequant:
+        n0 = len(sweep3_rows)
+        run_sweep_dequant(sweep3_rows, args.reps)
+        write_json(args.json and args.json.replace(".json", "_dequant.json"),
+                   {"device": info, "rows": sweep3_rows[n0:]})
+    if args.dequant_config:
+        from pallas_kernels.quant_matmul import kernel as qk_
+
+        if args.dequant_config == "best":
+            timed_ = [r for r in sweep3_rows if r["method"] == "dequant_int4_g128" and r.get("device_us")]
+            if not timed_:
+                ap.error("--dequant-config best needs --sweep-dequant timings (a GPU)")
+            cfg = min(timed_, key=lambda r: r["device_us"])["config"].split()[1:]
+            r_, bn_, w_ = (int(x.lstrip("rowsbnw")) for x in cfg)
+        else:
+            r_, bn_, w_ = map(int, args.dequant_config.split(":"))
+        qk_.DEQUANT_DEFAULTS.update(rows=r_, bn=bn_, num_warps=w_)
+        print(f"dequantization pass: {qk_.DEQUANT_DEFAULTS}", flush=True)
+    if args.sweep_prefill:
+        n0 = len(sweep3_rows)
+        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP_PREFILL)
+        write_json(args.json and args.json.replace(".json", "_prefill.json"),
+                   {"device": info, "rows": sweep3_rows[n0:]})
     if args.sweep4:
         n0 = len(sweep3_rows)
         run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP4)

@@ -183,6 +183,10 @@ CANDIDATES = {
                                 prefetch=True, target=8),
     "row_r16_bn128_w1_pf_t16": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
                                     prefetch=True, target=16),
+    "row_r16_bn128_w1_pf_t32": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                    prefetch=True, target=32),
+    "row_r32_bn128_w1_pf_t16": dict(mode="gemv_row", bm=16, bn=128, rows=32, num_warps=1,
+                                    prefetch=True, target=16),
     "row_r8_bn256_w1_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
                                prefetch=True, target=8),
     "row_r8_bn256_w2_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=2,
@@ -754,13 +758,20 @@ def _dequant_kernel(w_ref, s_ref, *rest, bits: int, k: int, s_rows: int, rows: i
         _store(o_ref, (pl.ds(j * s_rows + r0, rows), cols), w, mask)
 
 
+# Launch settings of dequantize_pallas (word rows, columns, warps per program) when not given.
+DEQUANT_DEFAULTS = dict(rows=16, bn=256, num_warps=4)
+
+
 def dequantize_pallas(packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
-                      dtype=jnp.bfloat16, rows: int = 16, bn: int = 256, num_warps: int = 4,
-                      interpret: bool = False):
+                      dtype=jnp.bfloat16, rows: int | None = None, bn: int | None = None,
+                      num_warps: int | None = None, interpret: bool = False):
     """``[K, N]`` weight in ``dtype`` (bf16 / f16) from the packed layout, one memory-bound pass:
     reads the codes and scales once, writes the weight once (the prefill path then runs XLA's bf16
     GEMM on it). Rows are decoded as in ``fast_decode``: relative error ~1e-6 before the rounding to
     ``dtype``, so an element differs from the rounded exact weight by at most one ulp of ``dtype``."""
+    rows = DEQUANT_DEFAULTS["rows"] if rows is None else rows
+    bn = DEQUANT_DEFAULTS["bn"] if bn is None else bn
+    num_warps = DEQUANT_DEFAULTS["num_warps"] if num_warps is None else num_warps
     s_rows, n = packed.shape
     k = in_features
     r = min(rows, max_rows_per_step(s_rows, group_size, in_features))
