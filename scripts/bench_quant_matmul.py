@@ -555,7 +555,7 @@ def main():
                          args.reps)
                 for s, (weights, nbytes, kw) in quant.items():
                     if m >= XLA_DEQUANT_MIN_ROWS[kw["bits"]] and not INTERPRET:
-                        cfg = "xla_dequant"
+                        cfg = "dequantization pass + XLA bf16 GEMM"
                     else:
                         cfg = qk.choose_config(m, n, **kw)
                     run_case(rows, k, n, m, f"ours_{s}", ours(kw), weights, nbytes, args.reps, cfg)

@@ -7,9 +7,10 @@ G groups (``layout.num_groups``). The packed layout is the one of ``layout.py``.
 Dispatch (``implementation=None``), on a GPU:
   * M <= 16 (decode): the Pallas split-K GEMV / skinny GEMM of ``kernel.py``;
   * 16 < M < XLA_DEQUANT_MIN_ROWS[bits]: the Pallas tiled GEMM;
-  * larger M (prefill): XLA dequantizes to bf16 and runs its own bf16 dot ("xla_dequant"). At
-    these sizes the dequantization pass is small next to the dot, and our Triton-lowered GEMM
-    (~210-370 TFLOP/s) loses to XLA's bf16 GEMM (~600-740 TFLOP/s); see NOTES.md.
+  * larger M (prefill): the weight is dequantized to bf16 in one memory-bound pass (the Pallas
+    ``kernel.dequantize_pallas``) and XLA runs its own bf16 GEMM ("xla_dequant", see
+    ``dequantize_then_dot``). At these sizes the pass is small next to the GEMM, and our
+    Triton-lowered fused GEMMs (~270-370 TFLOP/s) lose to XLA's bf16 GEMM (~550-740); NOTES.md.
 Shapes the kernels do not cover (``kernel.unsupported_reason``), and every call off-GPU, use
 the plain-jnp reference.
 """
@@ -24,11 +25,12 @@ import jax.numpy as jnp
 from pallas_kernels.quant_matmul import layout, reference
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla_dequant")
-# Rows from which the default GPU path is "xla_dequant" (measured on an H200 at K=5120, N=34816:
-# int4 g128 M=512: Pallas 867 us, xla_dequant 635 us, bf16 470 us; int8 g32 M=512: Pallas 687 us,
-# xla_dequant 886 us; M=4096: Pallas int4 6164 / int8 4131 us, xla_dequant int4 2393 / int8 2433 us,
-# bf16 1966 us).
-XLA_DEQUANT_MIN_ROWS = {2: 512, 3: 512, 4: 512, 8: 2048}
+# Rows from which the default GPU path is "xla_dequant" (dequantization pass + XLA bf16 GEMM).
+# H100, K=5120 -> N=34816, M=512, device us (2026-12-06): bf16 GEMM 251; pass + GEMM int4 g128 466,
+# int8 g32 498; Pallas fused gemm int4 761, int8 g32 578; XLA's own dequantize fusion + GEMM 648 /
+# 644. (H200, 2026-12-02, wall us, M=4096: Pallas gemm int4 6164 / int8 4131, XLA dequantize + GEMM
+# 2393 / 2433, bf16 1966.)
+XLA_DEQUANT_MIN_ROWS = {2: 512, 3: 512, 4: 512, 8: 512}
 SCALE_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
 
