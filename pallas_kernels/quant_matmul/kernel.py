@@ -759,7 +759,10 @@ def _dequant_kernel(w_ref, s_ref, *rest, bits: int, k: int, s_rows: int, rows: i
 
 
 # Launch settings of dequantize_pallas (word rows, columns, warps per program) when not given.
-DEQUANT_DEFAULTS = dict(rows=16, bn=256, num_warps=4)
+# H100, K=5120 -> N=34816, device us (`bench_quant_matmul.py --sweep-dequant`, 2026-12-06): int4 g128
+# rows 8 / 16 / 32 at bn 256, 4 warps: 164 / 169 / 196 (164 us = 2.74 TB/s of codes, scales and
+# bf16 weight moved); bn 512: 182-241; int8 g32: 194 / 199 / 234.
+DEQUANT_DEFAULTS = dict(rows=8, bn=256, num_warps=4)
 
 
 def dequantize_pallas(packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
