@@ -593,8 +593,10 @@ def expand_vision_tokens(text: str, *, image_grid_thw=None, video_grid_thw=None,
                          temporal_patch_size: int = 2, timestamps: Sequence[Sequence[float]] | None = None) -> str:
     """Replace the i-th ``<|image_pad|>`` of ``text`` by ``t*h*w / merge**2`` of them, and the j-th
     ``<|video_pad|>`` by one ``<{s:.1f} seconds><|vision_start|><|video_pad|>*(h*w/merge**2)<|vision_end|>``
-    per temporal patch (``Qwen3VLProcessor.replace_image_token`` / ``replace_video_token``; as in
-    transformers 5 the template's own ``<|vision_start|>``/``<|vision_end|>`` around the video stay).
+    per temporal patch (``Qwen3VLProcessor.replace_image_token`` / ``replace_video_token``). A video
+    placeholder that the template wrapped as ``<|vision_start|><|video_pad|><|vision_end|>`` is replaced
+    with its wrapper, so each temporal patch is one ``<|vision_start|>...<|vision_end|>`` block and
+    none is nested (Qwen's reference processor, and transformers from 5.25; 5.24 kept the wrapper).
     ``timestamps[j]`` are the seconds of video j's temporal patches (default: :func:`video_timestamps`
     of ``t * temporal_patch_size`` frames at 24 fps, transformers' assumption for frames without
     metadata)."""
@@ -610,9 +612,12 @@ def expand_vision_tokens(text: str, *, image_grid_thw=None, video_grid_thw=None,
     if timestamps is not None and len(timestamps) != len(videos):
         raise ImageProcessingError(f"{len(timestamps)} timestamp lists for {len(videos)} videos")
     m2 = merge_size * merge_size
-    pieces = re.split(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", text)
+    wrapped = VISION_START + VIDEO_TOKEN + VISION_END
+    pieces = re.split(f"({re.escape(wrapped)}|{re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})", text)
     out, i, j = [], 0, 0
     for piece in pieces:
+        if piece == wrapped:
+            piece = VIDEO_TOKEN
         if piece == IMAGE_TOKEN:
             t, h, w = images[i]
             out.append(IMAGE_TOKEN * (t * h * w // m2))

@@ -343,9 +343,13 @@ def test_expand_and_timestamps():
     text = "a<|vision_start|><|image_pad|><|vision_end|>b<|vision_start|><|video_pad|><|vision_end|>"
     out = expand_vision_tokens(text, image_grid_thw=[[1, 4, 6]], video_grid_thw=[[2, 2, 4]],
                                timestamps=[video_timestamps(3, fps=2.0)])
-    assert out == ("a<|vision_start|>" + "<|image_pad|>" * 6 + "<|vision_end|>b<|vision_start|>"
+    # the template's wrapper around the video goes with it: one block per temporal patch, none nested
+    assert out == ("a<|vision_start|>" + "<|image_pad|>" * 6 + "<|vision_end|>b"
                    "<0.2 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|>"
-                   "<1.0 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|><|vision_end|>")
+                   "<1.0 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|>")
+    # a bare placeholder (no wrapper) is expanded the same way
+    assert expand_vision_tokens("x<|video_pad|>y", video_grid_thw=[[1, 2, 2]], timestamps=[[0.5]]) == (
+        "x<0.5 seconds><|vision_start|><|video_pad|><|vision_end|>y")
     assert video_timestamps(4, fps=24.0) == pytest.approx([0.5 / 24, 2.5 / 24], rel=1e-15)
 
 
