@@ -500,20 +500,23 @@ def main():
                    {"device": info, "rows": sweep_rows})
 
     sweep3_rows = []
+
+    def run_plan(plan, suffix, runner=None):
+        """One named sweep: its rows appended to sweep3_rows, and written to <json>_<suffix>.json."""
+        n0 = len(sweep3_rows)
+        if runner is None:
+            run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=plan)
+        else:
+            runner()
+        write_json(args.json and args.json.replace(".json", f"_{suffix}.json"),
+                   {"device": info, "rows": sweep3_rows[n0:]})
+
     if args.sweep3:
-        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke)
-        write_json(args.json and args.json.replace(".json", "_sweep3.json"),
-                   {"device": info, "rows": sweep3_rows})
+        run_plan(SWEEP3, "sweep3")
     if args.sweep_m1:
-        n0 = len(sweep3_rows)
-        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP_M1)
-        write_json(args.json and args.json.replace(".json", "_m1.json"),
-                   {"device": info, "rows": sweep3_rows[n0:]})
+        run_plan(SWEEP_M1, "m1")
     if args.sweep_dequant:
-        n0 = len(sweep3_rows)
-        run_sweep_dequant(sweep3_rows, args.reps)
-        write_json(args.json and args.json.replace(".json", "_dequant.json"),
-                   {"device": info, "rows": sweep3_rows[n0:]})
+        run_plan(None, "dequant", lambda: run_sweep_dequant(sweep3_rows, args.reps))
     if args.dequant_config:
         from pallas_kernels.quant_matmul import kernel as qk_
 
@@ -528,15 +531,9 @@ def main():
         qk_.DEQUANT_DEFAULTS.update(rows=r_, bn=bn_, num_warps=w_)
         print(f"dequantization pass: {qk_.DEQUANT_DEFAULTS}", flush=True)
     if args.sweep_prefill:
-        n0 = len(sweep3_rows)
-        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP_PREFILL)
-        write_json(args.json and args.json.replace(".json", "_prefill.json"),
-                   {"device": info, "rows": sweep3_rows[n0:]})
+        run_plan(SWEEP_PREFILL, "prefill")
     if args.sweep4:
-        n0 = len(sweep3_rows)
-        run_sweep3(sweep3_rows, args.reps, args.time_budget, t_start, smoke=args.smoke, plan=SWEEP4)
-        write_json(args.json and args.json.replace(".json", "_sweep4.json"),
-                   {"device": info, "rows": sweep3_rows[n0:]})
+        run_plan(SWEEP4, "sweep4")
 
     if not args.no_bench:
         shapes = SHAPES[:1] if args.quick else SHAPES
