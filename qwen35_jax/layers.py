@@ -334,16 +334,8 @@ def gated_deltanet_steps(x, p, *, num_k_heads: int, num_v_heads: int, k_head_dim
     v = mixed[..., 2 * kd:].reshape(B, T, num_v_heads, v_head_dim)
     beta = jax.nn.sigmoid(b)
     g = -jnp.exp(p["A_log"].astype(F32)) * jax.nn.softplus(a.astype(F32) + p["dt_bias"].astype(F32))
-    if T == 1:
-        # Plain decode: only the final state is needed. Without output_all_states the Pallas kernel
-        # updates the (donated) state in place; with it, the kernel writes a fresh [B, 1, ...] buffer
-        # that XLA then copies into the donated one (2.1 us per layer at B=1, 13.2 us at B=8 in the
-        # 27B step on the H200).
-        o, last = gated_delta_recurrent(q, k, v, g, beta, recurrent_state, implementation=implementation)
-        states = last[:, None]
-    else:
-        o, states = gated_delta_recurrent(q, k, v, g, beta, recurrent_state, implementation=implementation,
-                                          output_all_states=True)
+    o, states = gated_delta_recurrent(q, k, v, g, beta, recurrent_state, implementation=implementation,
+                                      output_all_states=True)
     y = gated_rms_norm(o, z, p["norm"], eps).reshape(B, T, num_v_heads * v_head_dim)
     return linear(y, p["out_proj"]), window, states
 

@@ -288,8 +288,6 @@ DEQUANT_CONFIGS = [(16, 256, 4), (8, 256, 4), (32, 256, 4), (16, 512, 4), (16, 5
 
 
 def run_sweep_dequant(rows, reps):
-    from pallas_kernels.quant_matmul import kernel as qk_
-
     k, n = SHAPES[0]
     key = jax.random.key(5)
     for scheme in ("int4_g128", "int8_g32"):
@@ -297,10 +295,11 @@ def run_sweep_dequant(rows, reps):
         moved = nbytes + k * n * 2
         for r, bn, w in DEQUANT_CONFIGS:
             def fn(x, packed, scales, r=r, bn=bn, w=w):
-                return qk_.dequantize_pallas(packed, scales, None, rows=r, bn=bn, num_warps=w,
-                                             interpret=INTERPRET, **kw)
+                return qk.dequantize_pallas(packed, scales, None, rows=r, bn=bn, num_warps=w,
+                                            interpret=INTERPRET, **kw)
             row = run_case(rows, k, n, 1, f"dequant_{scheme}", fn, weights, nbytes, reps,
                            f"dequantize_pallas rows{r} bn{bn} w{w}")
+            row["dequant_settings"] = dict(rows=r, bn=bn, num_warps=w)
             if row.get("device_us"):
                 row["device_GBps"] = moved / row["device_us"] / 1e3
                 print(f"    moved {moved / 1e6:.0f} MB: {row['device_GBps']:.0f} GB/s", flush=True)
@@ -518,18 +517,15 @@ def main():
     if args.sweep_dequant:
         run_plan(None, "dequant", lambda: run_sweep_dequant(sweep3_rows, args.reps))
     if args.dequant_config:
-        from pallas_kernels.quant_matmul import kernel as qk_
-
         if args.dequant_config == "best":
             timed_ = [r for r in sweep3_rows if r["method"] == "dequant_int4_g128" and r.get("device_us")]
             if not timed_:
                 ap.error("--dequant-config best needs --sweep-dequant timings (a GPU)")
-            cfg = min(timed_, key=lambda r: r["device_us"])["config"].split()[1:]
-            r_, bn_, w_ = (int(x.lstrip("rowsbnw")) for x in cfg)
+            qk.DEQUANT_DEFAULTS.update(min(timed_, key=lambda r: r["device_us"])["dequant_settings"])
         else:
             r_, bn_, w_ = map(int, args.dequant_config.split(":"))
-        qk_.DEQUANT_DEFAULTS.update(rows=r_, bn=bn_, num_warps=w_)
-        print(f"dequantization pass: {qk_.DEQUANT_DEFAULTS}", flush=True)
+            qk.DEQUANT_DEFAULTS.update(rows=r_, bn=bn_, num_warps=w_)
+        print(f"dequantization pass: {qk.DEQUANT_DEFAULTS}", flush=True)
     if args.sweep_prefill:
         run_plan(SWEEP_PREFILL, "prefill")
     if args.sweep4:

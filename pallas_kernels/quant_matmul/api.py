@@ -141,13 +141,11 @@ def dequantize_then_dot(x, packed, scales, zeros, *, bits: int, group_size: int,
     kw = dict(bits=bits, group_size=group_size, in_features=in_features)
     if dequant not in (None, "pallas", "xla"):
         raise ValueError(f"dequant must be None, 'pallas' or 'xla', got {dequant!r}")
-    if dequant is None:
-        from pallas_kernels.quant_matmul import kernel
+    from pallas_kernels.quant_matmul import kernel
 
+    if dequant is None:
         dequant = "pallas" if _on_gpu() and kernel.unsupported_reason(1, packed.shape[1], **kw) is None else "xla"
     if dequant == "pallas":
-        from pallas_kernels.quant_matmul import kernel
-
         w = kernel.dequantize_pallas(packed, scales, zeros, dtype=cdt, **kw)
     else:
         w = reference.dequantize(packed, scales, zeros, **kw).astype(cdt)

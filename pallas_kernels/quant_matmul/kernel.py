@@ -601,8 +601,8 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
                 f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
                 _, kk, coef = top_terms(j, k0)
                 a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
-                a_, kk_ = a_.T, (kk.T if hasattr(kk, "T") and jnp.ndim(kk) == 2 else kk)
-                w = (f * a_ + (-kk_ * a_)).astype(cdt)  # [bn, R]
+                a_, kk = a_.T, (kk.T if jnp.ndim(kk) == 2 else kk)  # per column -> per row
+                w = (f * a_ + (-kk * a_)).astype(cdt)  # [bn, R]
                 acc = acc + jax.lax.dot(w, xt.T, preferred_element_type=jnp.float32)
             return acc
 

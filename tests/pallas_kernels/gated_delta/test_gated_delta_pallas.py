@@ -98,7 +98,7 @@ def _check(o, s, o_ref, s_ref, dtype, fp32_tol=FP32_TOL):
 SMALL = [(1, 2, 16, 16), (1, 3, 8, 24)]
 
 
-@pytest.mark.parametrize("t, output_all_states", [(1, False), (3, True)])
+@pytest.mark.parametrize("t, output_all_states", [(1, False), (1, True), (3, True)])
 @pytest.mark.parametrize("heads", SMALL)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_recurrent_interpret_matches_reference(t, output_all_states, heads, dtype):
