@@ -183,16 +183,19 @@ def bench_prefill(args, rows, use_fla):
 
 def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
-    --piece-intra: precision:num_warps list; --piece-state: precision:block_v:num_warps list."""
+    --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
+    bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
+    --piece-state: precision:block_v:num_warps[:num_stages] list."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
     v2, g2, b2 = v.reshape(B * T, HV * V), g.reshape(B * T, HV), beta.reshape(B * T, HV)
     x = p = None
     for spec in args.piece_intra.split(","):
-        prec, nw = spec.split(":")
+        prec, nw, *store = spec.split(":")
         intra = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
-                                          precision=prec, num_warps=int(nw)))
+                                          precision=prec, num_warps=int(nw),
+                                          split=False if store == ["fp32"] else None))
         try:
             x, p = intra(q2, k2, g2, b2, starts, lens)
         except Exception as e:
@@ -204,10 +207,10 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     if x is None:
         return
     for spec in args.piece_state.split(","):
-        prec, bv, nw = spec.split(":")
+        prec, bv, nw, *st = spec.split(":")
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
-                                       num_warps=int(nw)))
+                                       num_warps=int(nw), num_stages=int(st[0]) if st else 2))
         try:
             jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens))
         except Exception as e:

@@ -313,7 +313,9 @@ SWEEP_M1 = (
     [(5120, 34816, 1, None, "xla_bf16")]
     + [(5120, 34816, 1, sc, c) for sc in ("int4_g128", "int8_g32")
        for c in ("row_r16_bn128_w1_pf_t16", "row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16",
-                 "row_r16_bn128_w1_pf", "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf")]
+                 "row_r16_bn128_w1_pf", "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf",
+                 "row_r16_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf3_t16",
+                 "row_r16_bn64_w1_pf_t32")]
 )
 
 

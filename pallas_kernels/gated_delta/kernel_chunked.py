@@ -73,12 +73,14 @@ def _unit_lower_inverse(a):
     return lax.fori_loop(1, n, step, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
 
 
-def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, x_ref, p_ref, *,
+def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *out_refs,
                         chunk, num_value_heads, group, key_dim, precision):
     """X = (I + A)^-1 and P of chunk slot c, value head j (see the module docstring).
 
     Refs: starts, lens [N] int32 (first token, token count of each chunk slot); q, k [Ttot, Hk*K];
-    g, beta [Ttot, Hv]; x, p [N*Hv*C, C] float32 (row block (c*Hv + j)*C holds this chunk's matrix).
+    g, beta [Ttot, Hv]; outputs X then P, each [N*Hv*C, C] (row block (c*Hv + j)*C holds this
+    chunk's matrix): one float32 array each, or for precision "bf16x3" two bf16 arrays each, the
+    hi and lo parts (`kc.split_bf16`), which the state pass loads straight into its dots.
 
     Works one 16-row block a at a time (block forward substitution by rows), loading k/q blocks
     when needed and storing each finished block at once, so few tiles are live in registers.
@@ -117,8 +119,13 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, x_r
     base = (c * num_value_heads + j) * chunk
     zeros = jnp.zeros((_BLOCK, _BLOCK), F32)
 
-    def put(ref, a, b, val):
-        ref[pl.ds(base + a * _BLOCK, _BLOCK), pl.ds(b * _BLOCK, _BLOCK)] = val
+    half = len(out_refs) // 2
+    x_ref, p_ref = out_refs[:half], out_refs[half:]
+
+    def put(refs, a, b, val):
+        parts = kc.split_bf16(val) if len(refs) == 2 else (val,)
+        for ref, part in zip(refs, parts):
+            ref[pl.ds(base + a * _BLOCK, _BLOCK), pl.ds(b * _BLOCK, _BLOCK)] = part.astype(ref.dtype)
 
     x_blk = {}
     for a in range(nb):
@@ -153,15 +160,18 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, x_r
         put(x_ref, a, a, x_aa)
 
 
-def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, x_ref,
-                       p_ref, *rest, chunk, num_value_heads, group, key_dim, value_dim, block_v,
-                       precision, has_initial_state):
+def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
+                       chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
+                       has_initial_state, mat_parts):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
-    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; x, p [N*Hv*C, C]; optional h0 [S*Hv*K, V];
-    outputs o [Ttot, Hv*V], ht [S*Hv*K, V] float32.
+    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`mat_parts` refs
+    each: float32, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
+    ht [S*Hv*K, V] float32.
     """
+    x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
+    rest = rest[2 * mat_parts:]
     if has_initial_state:
         h0_ref, o_ref, ht_ref = rest
     else:
@@ -196,20 +206,24 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
         beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
         mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
-        x = x_ref[mat_rows, :]  # [C, C]
-        p = p_ref[mat_rows, :]
+        # [C, C]: an fp32 tile, or the (hi, lo) bf16 parts, which go to the dots as loaded
+        x = x_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
+        p = p_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
         gamma = jnp.cumsum(g)
         gamma_end = jnp.sum(g)  # gamma of the last token (padded tokens have g = 0)
         decay_in = jnp.exp(gamma)[:, None]  # chunk start -> token i
         decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[:, None]  # token i -> chunk end
+        # Order and accumulators keep few [C, BV] / [K, BV] fp32 tiles live at once (the 4-warp
+        # program is register-bound): Q S is formed after V' and goes in as the accumulator of
+        # P V', and the decayed state is the accumulator of the update's dot.
         ks = kc.mm(k, s, precision)  # [C, BV]
         qs = kc.mm(q, s, precision)
         rhs = beta[:, None] * (v - decay_in * ks)
         v_new = kc.mm(x, rhs, precision)
-        o = decay_in * qs + kc.mm(p, v_new, precision)
+        o = kc.mm(p, v_new, precision, acc=decay_in * qs)
         kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
-        return jnp.exp(gamma_end) * s + kc.mm(k, decay_out * v_new, precision, trans_a=True)
+        return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s
@@ -261,28 +275,40 @@ def chunk_table(cu_seqlens, total_tokens: int, chunk: int):
 
 
 def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision="tf32x3",
-                num_warps=4, interpret=False):
+                num_warps=4, split=None, interpret=False):
     """Kernel 1 on packed 2-D views: q2, k2 [Ttot, Hk*K]; g2, beta2 [Ttot, Hv]; chunk table
-    starts, lens [N]. Returns (X, P) [N*Hv*C, C] float32."""
+    starts, lens [N]. Returns (X, P), each [N*Hv*C, C] float32, or with `split` (default: precision
+    "bf16x3") each a (hi, lo) pair of bf16 arrays: the same 4 bytes per entry, and the state pass
+    then feeds its dots the tiles as loaded (shared-memory operands), with no fp32 tile and no
+    split in its registers (at BV=64 that removed its register spills: 320 -> 20 bytes)."""
     num_value_heads = g2.shape[1]
     key_dim = q2.shape[1] * group // num_value_heads
     num_slots = starts.shape[0]
-    mat = jax.ShapeDtypeStruct((num_slots * num_value_heads * chunk_size, chunk_size), F32)
-    return pl.pallas_call(
+    rows = num_slots * num_value_heads * chunk_size
+    split = precision == "bf16x3" if split is None else split
+    if split and precision != "bf16x3":
+        raise ValueError(f"split (hi, lo) X and P need precision 'bf16x3', got {precision!r}")
+    mat = ((jax.ShapeDtypeStruct((rows, chunk_size), jnp.bfloat16),) * 2 if split
+           else (jax.ShapeDtypeStruct((rows, chunk_size), F32),))
+    outs = pl.pallas_call(
         functools.partial(_intra_chunk_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim,
                           precision=kc.dot_precision(precision, interpret)),
-        out_shape=(mat, mat),
+        out_shape=mat + mat,
         grid=(num_value_heads, num_slots),
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gated_delta_intra_chunk",
     )(starts, lens, q2, k2, g2, beta2)
+    if split:
+        return tuple(outs[:2]), tuple(outs[2:])
+    return outs[0], outs[1]
 
 
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, interpret=False):
-    """Kernel 2 on packed 2-D views (see `intra_chunk`; v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None).
+    """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
+    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None).
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -290,10 +316,14 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     num_seqs = first.shape[0] - 1
     bv = min(block_v, value_dim)
     has_h0 = h0 is not None
+    x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
+    if len(x_parts) != len(p_parts):
+        raise ValueError("X and P must both be float32 arrays or both (hi, lo) bf16 pairs")
     return pl.pallas_call(
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
-                          precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0),
+                          precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
+                          mat_parts=len(x_parts)),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -302,7 +332,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gated_delta_state_pass",
-    )(first, starts, lens, q2, k2, v2, g2, beta2, x, p, *(() if h0 is None else (h0,)))
+    )(first, starts, lens, q2, k2, v2, g2, beta2, *x_parts, *p_parts, *(() if h0 is None else (h0,)))
 
 
 @functools.partial(

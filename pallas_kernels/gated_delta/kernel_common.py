@@ -74,8 +74,11 @@ def dot_precision(name: str, interpret: bool):
     }[name]
 
 
-def _split_bf16(x):
-    """(hi, lo) bf16 with hi + lo = x to ~2^-17 relative; a bf16 x is its own single part."""
+def split_bf16(x):
+    """(hi, lo) bf16 with hi + lo = x to ~2^-17 relative; a bf16 x is its own single part, and a
+    tuple is taken as parts already split (a kernel can store them so and load them as bf16)."""
+    if isinstance(x, tuple):
+        return x
     if x.dtype == jnp.bfloat16:
         return (x,)
     x = x.astype(F32)
@@ -83,29 +86,39 @@ def _split_bf16(x):
     return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
 
 
-def mm(a, b, precision, *, trans_a=False, trans_b=False):
-    """2-D matmul with fp32 accumulation: (a^T if trans_a) @ (b^T if trans_b).
+def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None):
+    """2-D matmul with fp32 accumulation: acc + (a^T if trans_a) @ (b^T if trans_b).
 
     Two bf16 operands multiply natively (bf16 x bf16 products are exact in fp32). Otherwise
     `precision` (from `dot_precision`) decides: "bf16x3" sums the bf16 parts (see PRECISIONS),
     anything else is one fp32 dot at that precision (the Triton dot needs equal element types).
+
+    An operand may be a (hi, lo) tuple of bf16 parts (see `split_bf16`), with precision "bf16x3".
+    `acc` (fp32, the result's shape) is added as `dot + acc`, one product at a time, which Triton's
+    combine pass folds into the dot's accumulator: no second result tile stays live in registers.
     """
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
 
     def dot(x, y, prec=None):
         return lax.dot_general(x, y, dims, precision=prec, preferred_element_type=F32)
 
-    if a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
-        return dot(a, b)
+    def add(product, total):
+        return product if total is None else product + total
+
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        if precision != _SPLIT:
+            raise ValueError(f"operands split into bf16 parts need precision {_SPLIT!r}, got {precision!r}")
+    elif a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+        return add(dot(a, b), acc)
     if precision == _SPLIT:
-        a_parts, b_parts = _split_bf16(a), _split_bf16(b)
-        acc = dot(a_parts[0], b_parts[0])
+        a_parts, b_parts = split_bf16(a), split_bf16(b)
+        # The small cross terms first, the large hi*hi product last: the same sum in fp32.
         if len(b_parts) > 1:
-            acc = acc + dot(a_parts[0], b_parts[1])
+            acc = add(dot(a_parts[0], b_parts[1]), acc)
         if len(a_parts) > 1:
-            acc = acc + dot(a_parts[1], b_parts[0])
-        return acc
-    return dot(a.astype(F32), b.astype(F32), precision)
+            acc = add(dot(a_parts[1], b_parts[0]), acc)
+        return add(dot(a_parts[0], b_parts[0]), acc)
+    return add(dot(a.astype(F32), b.astype(F32), precision), acc)
 
 
 def is_pow2(n: int) -> bool:

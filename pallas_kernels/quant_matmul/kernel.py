@@ -105,7 +105,8 @@ class Config:
       decodes as ``fast_decode``.
     prefetch: gemv_red / gemv_row: load the next step's words before decoding the current ones
       (a register double buffer carried by the loop; Triton does not software-pipeline loads
-      that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap).
+      that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap). An int
+      d >= 1 (gemv_row) keeps d steps in flight (True is 1).
     """
 
     mode: str
@@ -117,7 +118,7 @@ class Config:
     num_stages: int = 3
     scale_after_dot: bool = True
     fast_decode: bool = False
-    prefetch: bool = False
+    prefetch: bool | int = False
     transposed: bool = False
 
 
@@ -187,6 +188,15 @@ CANDIDATES = {
                                     prefetch=True, target=32),
     "row_r32_bn128_w1_pf_t16": dict(mode="gemv_row", bm=16, bn=128, rows=32, num_warps=1,
                                     prefetch=True, target=16),
+    # two steps in flight per program (the loop carries 2 x R word rows)
+    "row_r16_bn128_w1_pf2_t16": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                     prefetch=2, target=16),
+    "row_r8_bn128_w1_pf2_t16": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                                    prefetch=2, target=16),
+    "row_r8_bn128_w1_pf3_t16": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                                    prefetch=3, target=16),
+    "row_r16_bn64_w1_pf_t32": dict(mode="gemv_row", bm=16, bn=64, rows=16, num_warps=1,
+                                   prefetch=True, target=32),
     "row_r8_bn256_w1_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
                                prefetch=True, target=8),
     "row_r8_bn256_w2_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=2,
@@ -493,14 +503,16 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         # gemv_red with the R rows of a step loaded as R separate [1, bn] row vectors and the
         # activation as scalars: every product is one FFMA into a per-slab [1, bn] partial (a
         # chain, not the mul + add tree of an in-thread reduction), X_j a scalar chain.
+        depth = int(cfg.prefetch)  # steps whose words are in flight (carried by the loop)
+
         def load_rows(c):
             r0 = pl.multiple_of(row_base + jnp.minimum(c, steps - 1) * r, r)
             return tuple(_load(w_ref, (pl.ds(r0 + t, 1), cols), col_ok) for t in range(r))
 
         def body(c, carry):
-            if cfg.prefetch:
-                rows_w, accs = carry[:r], carry[r:]
-                nxt = load_rows(c + 1)
+            if depth:
+                rows_w, accs = carry[:r], carry[depth * r:]
+                nxt = carry[r:depth * r] + load_rows(c + depth)
             else:
                 rows_w, accs = load_rows(c), carry
             r0 = pl.multiple_of(row_base + c * r, r)
@@ -529,9 +541,9 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
                 _, kk, coef = top_terms(j, j * s_rows + r0)
                 for i in range(m):
                     accs[i] = accs[i] + coef * (parts[(i, j)] - xsums[(i, j)] * kk)
-            return (nxt if cfg.prefetch else ()) + tuple(accs)
+            return (nxt if depth else ()) + tuple(accs)
 
-        run_fma_loop(body, load_rows(0) if cfg.prefetch else ())
+        run_fma_loop(body, sum((load_rows(d) for d in range(depth)), ()))
         return
 
     if cfg.mode in ("gemv_fma", "gemv_fma2"):

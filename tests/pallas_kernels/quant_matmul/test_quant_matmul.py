@@ -117,6 +117,9 @@ INTERPRET_CASES = [
     (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, splits=2,
                                                     prefetch=True)),
     (2, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemv_row", 16, 32, 16)),
+    # two and three steps in flight (3 > the 2 steps of a split: the clamped loads re-read the last)
+    (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, prefetch=2)),
+    (1, 384, 72, 4, 128, False, jnp.bfloat16, Config("gemv_row", 16, 32, 8, splits=4, prefetch=3)),
     (1, 160, 48, 8, 32, False, jnp.bfloat16, Config("gemv_row", 16, 16, 16, splits=2)),
     # fast decode in the dot paths
     (3, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 64, 16, splits=2,
@@ -133,7 +136,7 @@ INTERPRET_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}{'-fast' if c[7].fast_decode else ''}{'-pf' if c[7].prefetch else ''}{'-T' if c[7].transposed else ''}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}{'-fast' if c[7].fast_decode else ''}{'-pf' if c[7].prefetch is True else f'-pf{c[7].prefetch}' if c[7].prefetch else ''}{'-T' if c[7].transposed else ''}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
 def test_kernel_matches_reference_interpret(rng, case):
     m, k, n, bits, group, with_zeros, sdt, cfg = case
     g = k if group == "pc" else group
@@ -375,7 +378,7 @@ def test_kernel_matches_reference_gpu(rng, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Pallas Triton kernels)")
 @pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row",
-                                  "gemv_row-pf", "gemv_dot-fast", "gemm-fast", "gemm-T"])
+                                  "gemv_row-pf", "gemv_row-pf2", "gemv_dot-fast", "gemm-fast", "gemm-T"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_modes_gpu(rng, mode, bits):
     m, k, n, g = 2, 1024, 520, 128  # ragged N
@@ -384,7 +387,7 @@ def test_decode_modes_gpu(rng, mode, bits):
     kw = dict(bits=bits, group_size=g, in_features=k)
     mode, _, flag = mode.partition("-")
     cfg = Config(mode, 16, 128, 16 if mode in ("gemv_red", "gemv_row") else 64, splits=2,
-                 fast_decode=flag == "fast", prefetch=flag == "pf")
+                 fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2}.get(flag, False))
     if mode == "gemm":
         cfg = Config("gemm", 64, 64, 32, fast_decode=True, transposed=flag == "T")
     out = qk.quant_matmul_pallas(x, packed, scales, zeros, config=cfg, **kw)
