@@ -149,7 +149,7 @@ def _cfg_str(c):
         return c
     return (f"{c.mode} bm{c.bm} bn{c.bn} R{c.rows} s{c.splits} w{c.num_warps} st{c.num_stages}"
             + ("" if c.scale_after_dot or c.mode != "gemv_dot" else " prescale")
-            + (" fast" if c.fast_decode else "") + (" pf" if c.prefetch else "") + (" T" if c.transposed else ""))
+            + (" fast" if c.fast_decode else "") + (" pf" if c.prefetch else "") + (" T" if c.transposed else "") + (" S" if c.stacked else ""))
 
 
 def _print_row(r):
@@ -278,6 +278,17 @@ SWEEP4 = (
     + [(5120, 34816, 4096, None, "xla_bf16"), (5120, 34816, 4096, None, "pallas_bf16")]
     + [(5120, 34816, 4096, sc, c) for sc in ("int4_g128", "int8_g32")
        for c in ("xla_deq", "pallas_deq", "gemm_t_128x128_r16_w8_st3", "gemm_t_256x128_r16_w8_st3")]
+)
+
+
+# --sweep-stacked: the stacked gemm (one dot per step) against XLA bf16 and the prefill path.
+_GEMM_S = ["gemm_s_128x128_r16_w8_st3", "gemm_s_64x128_r16_w4_st3", "gemm_s_256x128_r16_w8_st3",
+           "gemm_s_128x256_r16_w8_st3"]
+SWEEP_STACKED = (
+    [(5120, 34816, 512, None, "xla_bf16")]
+    + [(5120, 34816, 512, sc, c) for sc in ("int4_g128", "int8_g32") for c in _GEMM_S + ["pallas_deq"]]
+    + [(5120, 34816, 4096, None, "xla_bf16")]
+    + [(5120, 34816, 4096, "int4_g128", c) for c in _GEMM_S[:1] + _GEMM_S[2:3] + ["pallas_deq"]]
 )
 
 
@@ -442,6 +453,8 @@ def main():
     ap.add_argument("--sweep3", action="store_true",
                     help="round 3: every named kernel.CANDIDATES entry at M=1 (3 shapes, 3 schemes) "
                          "and the int8 g32 M=512 options, each checked against the fp32 reference")
+    ap.add_argument("--sweep-stacked", action="store_true",
+                    help="the stacked gemm (one dot per step) at M=512 and 4096")
     ap.add_argument("--sweep4", action="store_true",
                     help="round 4: the prefill regime (M = 512, 4096): gemm variants incl. transposed, "
                          "XLA dequantize + dot, a plain Pallas bf16 matmul")
@@ -532,6 +545,8 @@ def main():
         run_plan(SWEEP_PREFILL, "prefill")
     if args.sweep4:
         run_plan(SWEEP4, "sweep4")
+    if args.sweep_stacked:
+        run_plan(SWEEP_STACKED, "stacked")
 
     if not args.no_bench:
         shapes = SHAPES[:1] if args.quick else SHAPES

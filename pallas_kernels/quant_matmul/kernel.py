@@ -103,6 +103,11 @@ class Config:
     transposed: gemm only: compute the transposed tile, decoded weights as the dot's first operand
       (wgmma takes that one from registers; the activations go through shared memory). Always
       decodes as ``fast_decode``.
+    stacked: transposed gemm only, bits 2, 4, 8: the p decoded [bn, R] slab tiles of a step are
+      interleaved into ONE [bn, p R] operand (``jnp.stack`` pairs, as Triton's join) and multiplied by
+      the matching [bm, p R] tile of the activations with their columns reordered once per call
+      (``stacked_activations``), so a step is one dot of depth p R instead of p dots of depth R
+      (Triton waits for each wgmma before the next when a loop body has several).
     prefetch: gemv_red / gemv_row: load the next step's words before decoding the current ones
       (a register double buffer carried by the loop; Triton does not software-pipeline loads
       that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap). An int
@@ -120,6 +125,7 @@ class Config:
     fast_decode: bool = False
     prefetch: bool | int = False
     transposed: bool = False
+    stacked: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,6 +231,18 @@ CANDIDATES = {
                                   num_stages=2, transposed=True),
     "gemm_t_256x128_r16_w8_st3": dict(mode="gemm", bm=256, bn=128, rows=16, num_warps=8,
                                       num_stages=3, transposed=True),
+    # stacked (one dot of depth p R per step; activations reordered once per call). Offline compile
+    # (as above, 2026-12-06): Triton keeps the wgmma groups in flight across steps (wait_group 7, the
+    # one wait 0 after the loop), which no multi-dot variant got; no spills: 137 registers / 132 KB
+    # (128x128 r16 w8 st3), 168 / 96 KB (64x128 r16 w4 st3).
+    "gemm_s_128x128_r16_w8_st3": dict(mode="gemm", bm=128, bn=128, rows=16, num_warps=8,
+                                      num_stages=3, transposed=True, stacked=True),
+    "gemm_s_64x128_r16_w4_st3": dict(mode="gemm", bm=64, bn=128, rows=16, num_warps=4,
+                                     num_stages=3, transposed=True, stacked=True),
+    "gemm_s_256x128_r16_w8_st3": dict(mode="gemm", bm=256, bn=128, rows=16, num_warps=8,
+                                      num_stages=3, transposed=True, stacked=True),
+    "gemm_s_128x256_r16_w8_st3": dict(mode="gemm", bm=128, bn=256, rows=16, num_warps=8,
+                                      num_stages=3, transposed=True, stacked=True),
 }
 
 # Measured on one H200 (jax 0.11.2, 2026-12-02; NOTES.md has the sweeps). Keys: (regime, bits of
@@ -596,6 +614,37 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         mask = rows_ok if cmask is None else (cmask if rows_ok is None else rows_ok & cmask)
         return _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, r)), mask).astype(cdt)  # [bm, R]
 
+    if cfg.mode == "gemm" and cfg.stacked:
+        # acc^T [bn, bm] += W^T [bn, pR] @ xs^T [pR, bm], column r * p + j of both being weight row
+        # j * S + r0 + r (x reordered by the wrapper; its padding columns are zeros).
+        def body_s(c, acc):
+            r0 = pl.multiple_of(row_base + c * r, r)
+            words = _load(w_ref, (pl.ds(r0, r), cols), col_ok).T  # [bn, R] uint32
+            shifted, tiles = {}, []
+            for j in range(p):
+                if j not in live_slabs:  # all padding rows: zero weights (x is zero there too)
+                    tiles.append(jnp.zeros((bn, r), cdt))
+                    continue
+                k0 = j * s_rows + r0
+                d, b = plan[j]
+                if d not in shifted:
+                    shifted[d] = _shift(words, d)
+                f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
+                _, kk, coef = top_terms(j, k0)
+                a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
+                a_, kk = a_.T, (kk.T if jnp.ndim(kk) == 2 else kk)
+                tiles.append((f * a_ + (-kk * a_)).astype(cdt))
+            w = _interleave(tiles).reshape(bn, p * r)  # column r * p + j <- tiles[j][:, r]
+            xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(r0 * p, p * r)), rows_ok)  # [bm, pR]
+            return acc + jax.lax.dot(w, xs.astype(cdt).T, preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, body_s, jnp.zeros((bn, bm), jnp.float32)).T
+        mask = rows_ok
+        if col_ok is not None:
+            mask = col_ok if mask is None else mask & col_ok
+        _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
+        return
+
     if cfg.mode == "gemm" and cfg.transposed:
         # acc^T [bn, bm] = sum_j deq(W_j)^T [bn, R] @ x_j^T [R, bm]: the decoded weights are the
         # dot's first operand, which Hopper's wgmma reads from registers; the activations are the
@@ -671,6 +720,26 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
 
 
+def _interleave(tiles):
+    """p (a power of 2) arrays [..., R] -> [..., R, 2, ..., 2] (log2 p trailing axes of 2) whose
+    flattening puts tiles[j][..., r] at r * p + j. Built from two-way stacks on a new last axis
+    (the only stack the Triton lowering has): each level pairs the tiles whose indices differ in the
+    highest remaining bit, so the lowest bit of j ends up as the last axis."""
+    while len(tiles) > 1:
+        half = len(tiles) // 2
+        tiles = [jnp.stack([tiles[i], tiles[i + half]], axis=-1) for i in range(half)]
+    return tiles[0]
+
+
+def stacked_activations(x, *, bits: int, s_rows: int):
+    """x [M, K] -> [M, S * p] with column r * p + j = x[:, j * S + r] (zeros past K): the column
+    order of the ``stacked`` gemm's weight operand. One transpose of x per call (M x K x 2 bytes)."""
+    p = 32 // bits
+    m, k = x.shape
+    xp = jnp.pad(x, ((0, 0), (0, p * s_rows - k)))
+    return xp.reshape(m, p, s_rows).transpose(0, 2, 1).reshape(m, s_rows * p)
+
+
 def _store(ref, idx, val, mask):
     if mask is None:
         ref[idx] = val
@@ -694,7 +763,7 @@ def quant_matmul_pallas(x, packed, scales, zeros, *, bits: int, group_size: int,
     if config is None:
         config = choose_config(m, n, bits=bits, group_size=group_size, in_features=in_features)
     cfg = config
-    _check_config(cfg, m, n, s_rows, group_size, in_features)
+    _check_config(cfg, m, n, s_rows, group_size, in_features, bits=bits)
     # Dots in f16 when the activations are f16 (codes and f16 scales are exact there), else bf16.
     cdt = jnp.float16 if x.dtype == jnp.float16 else jnp.bfloat16
     has_zeros = zeros is not None
@@ -714,7 +783,8 @@ def quant_matmul_pallas(x, packed, scales, zeros, *, bits: int, group_size: int,
         cdt=cdt, out_partial=out_partial,
     )
     name = f"quant_matmul_{cfg.mode}_int{bits}"
-    args = (x, packed, scales) + ((zeros,) if has_zeros else ())
+    xin = stacked_activations(x, bits=bits, s_rows=s_rows) if cfg.stacked else x
+    args = (xin, packed, scales) + ((zeros,) if has_zeros else ())
     out = pl.pallas_call(
         kern,
         out_shape=out_shape,
@@ -807,7 +877,7 @@ def dequantize_pallas(packed, scales, zeros, *, bits: int, group_size: int, in_f
     )(*args)
 
 
-def _check_config(cfg: Config, m, n, s_rows, group_size, in_features):
+def _check_config(cfg: Config, m, n, s_rows, group_size, in_features, bits=None):
     if cfg.mode not in MODES:
         raise ValueError(f"unknown kernel mode {cfg.mode!r}")
     for name in ("bn", "rows") + (("bm",) if cfg.mode in ("gemv_dot", "gemm") else ()):
@@ -824,6 +894,10 @@ def _check_config(cfg: Config, m, n, s_rows, group_size, in_features):
         raise ValueError("the gemm mode does not split K")
     if cfg.transposed and cfg.mode != "gemm":
         raise ValueError(f"config.transposed applies to the gemm mode only, not {cfg.mode!r}")
+    if cfg.stacked and not (cfg.mode == "gemm" and cfg.transposed):
+        raise ValueError("config.stacked needs the transposed gemm (mode='gemm', transposed=True)")
+    if cfg.stacked and bits is not None and (32 // bits) & (32 // bits - 1):
+        raise ValueError(f"config.stacked needs a power-of-2 number of codes per word (bits 2, 4, 8), not bits={bits}")
     if steps % cfg.splits:
         raise ValueError(f"config.splits={cfg.splits} must divide S / rows = {steps}")
     if cfg.mode in ("gemv_fma", "gemv_fma2", "gemv_red", "gemv_row") and m > DECODE_MAX_ROWS:

@@ -133,10 +133,15 @@ INTERPRET_CASES = [
     (130, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemm", 64, 64, 32, transposed=True)),
     (17, 160, 200, 8, "pc", False, jnp.bfloat16, Config("gemm", 32, 64, 16, transposed=True)),
     (33, 96, 40, 3, 32, True, jnp.float16, Config("gemm", 32, 32, 16, transposed=True)),
+    # stacked: one dot per step over the interleaved slabs (activations reordered; K = 160 leaves
+    # padding rows and, at int4 with S = 32, three slabs of padding only)
+    (130, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemm", 64, 64, 16, transposed=True, stacked=True)),
+    (17, 160, 200, 8, "pc", False, jnp.bfloat16, Config("gemm", 32, 64, 16, transposed=True, stacked=True)),
+    (9, 96, 40, 2, 32, True, jnp.float16, Config("gemm", 16, 32, 16, transposed=True, stacked=True)),
 ]
 
 
-@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}{'-fast' if c[7].fast_decode else ''}{'-pf' if c[7].prefetch is True else f'-pf{c[7].prefetch}' if c[7].prefetch else ''}{'-T' if c[7].transposed else ''}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: f"{c[7].mode}{'-fast' if c[7].fast_decode else ''}{'-pf' if c[7].prefetch is True else f'-pf{c[7].prefetch}' if c[7].prefetch else ''}{'-T' if c[7].transposed else ''}{'S' if c[7].stacked else ''}-M{c[0]}-K{c[1]}-N{c[2]}-b{c[3]}-g{c[4]}-z{int(c[5])}")
 def test_kernel_matches_reference_interpret(rng, case):
     m, k, n, bits, group, with_zeros, sdt, cfg = case
     g = k if group == "pc" else group
@@ -344,6 +349,11 @@ def test_config_errors():
         qk._check_config(Config("gemv_dot", 16, 64, 16, splits=3), 1, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="transposed applies to the gemm mode only"):
         qk._check_config(Config("gemv_row", 16, 64, 16, transposed=True), 1, 64, 32, 32, 160)
+    with pytest.raises(ValueError, match="stacked needs the transposed gemm"):
+        qk._check_config(Config("gemm", 16, 64, 16, stacked=True), 32, 64, 32, 32, 160)
+    with pytest.raises(ValueError, match="power-of-2 number of codes"):
+        qk._check_config(Config("gemm", 16, 64, 16, transposed=True, stacked=True), 32, 64, 32, 32, 160,
+                         bits=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +388,7 @@ def test_kernel_matches_reference_gpu(rng, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Pallas Triton kernels)")
 @pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row",
-                                  "gemv_row-pf", "gemv_row-pf2", "gemv_dot-fast", "gemm-fast", "gemm-T"])
+                                  "gemv_row-pf", "gemv_row-pf2", "gemv_dot-fast", "gemm-fast", "gemm-T", "gemm-S"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_modes_gpu(rng, mode, bits):
     m, k, n, g = 2, 1024, 520, 128  # ragged N
@@ -389,7 +399,7 @@ def test_decode_modes_gpu(rng, mode, bits):
     cfg = Config(mode, 16, 128, 16 if mode in ("gemv_red", "gemv_row") else 64, splits=2,
                  fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2}.get(flag, False))
     if mode == "gemm":
-        cfg = Config("gemm", 64, 64, 32, fast_decode=True, transposed=flag == "T")
+        cfg = Config("gemm", 64, 64, 32, fast_decode=True, transposed=flag in ("T", "S"), stacked=flag == "S")
     out = qk.quant_matmul_pallas(x, packed, scales, zeros, config=cfg, **kw)
     ref = quant_matmul_reference(x.astype(jnp.float32), packed, scales, zeros, **kw)
     assert _rel(out, ref) < REL_TOL
