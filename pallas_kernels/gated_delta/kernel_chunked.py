@@ -54,32 +54,27 @@ def _iota2(n):
     return rows, cols
 
 
-def _unit_lower_inverses(blocks):
-    """(I + a)^-1 for each strictly lower a [n, n] (n = 16) of `blocks`, by forward substitution in
-    fp32, the blocks' chains interleaved in one loop (independent work for the latency of each).
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower a [n, n] (n = 16) by forward substitution, in fp32.
 
     Row i of the inverse is e_i - sum_{j<i} a[i, j] X[j]; a[i, j>=i] = 0, so using the whole X (whose
     rows >= i are still identity rows) is exact. Rows are selected with masks and reductions
     because Triton cannot index a register tile dynamically.
     """
-    n = blocks[0].shape[0]
+    n = a.shape[0]
     rows, cols = _iota2(n)
     col_ids = lax.broadcasted_iota(jnp.int32, (n,), 0)
 
-    def step(i, xs):
-        out = []
-        for a, x in zip(blocks, xs):
-            a_row = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)  # a[i, :], indexed by j
-            new = jnp.where(col_ids == i, 1.0, 0.0) - jnp.sum(a_row[:, None] * x, axis=0)
-            out.append(jnp.where(rows == i, new[None, :], x))
-        return tuple(out)
+    def step(i, x):
+        a_row = jnp.sum(jnp.where(rows == i, a, 0.0), axis=0)  # a[i, :], indexed by j
+        new = jnp.where(col_ids == i, 1.0, 0.0) - jnp.sum(a_row[:, None] * x, axis=0)
+        return jnp.where(rows == i, new[None, :], x)
 
-    eye = jnp.where(rows == cols, 1.0, 0.0).astype(F32)
-    return lax.fori_loop(1, n, step, tuple(eye for _ in blocks))
+    return lax.fori_loop(1, n, step, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
 
 
 def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *out_refs,
-                        chunk, num_value_heads, group, key_dim, precision, barrier):
+                        chunk, num_value_heads, group, key_dim, precision):
     """X = (I + A)^-1 and P of chunk slot c, value head j (see the module docstring).
 
     Refs: starts, lens [N] int32 (first token, token count of each chunk slot); q, k [Ttot, Hk*K];
@@ -132,62 +127,37 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
         for ref, part in zip(refs, parts):
             ref[pl.ds(base + a * _BLOCK, _BLOCK), pl.ds(b * _BLOCK, _BLOCK)] = part.astype(ref.dtype)
 
-    def decays(a, b):
-        # exp of a difference of prefix sums, clamped at 0 (never exp(gamma_i) * exp(-gamma_j),
-        # which overflows); on the diagonal blocks the upper triangle (strict: and the diagonal)
-        # is masked to 0.
-        decay = jnp.exp(jnp.minimum(gammas[a][:, None] - gammas[b][None, :], 0.0))
-        if a != b:
-            return decay, decay
-        return jnp.where(rows2 >= cols2, decay, 0.0), jnp.where(rows2 > cols2, decay, 0.0)
-
-    def fence():
-        # Ends a row block: the compiler may not hoist the next block's loads above it, which
-        # would keep all the [16, K] tiles of the chunk live at once (255 registers and spills
-        # with one warp; fewer registers, more programs per SM).
-        if barrier:
-            kc.barrier()
-
-    # P first (it needs no X), one row block at a time.
+    x_blk = {}
     for a in range(nb):
-        q_a = load_qk(q_ref, a)
-        for b in range(nb):
-            if b > a:
-                put(p_ref, a, b, zeros)
-                continue
-            decay_incl, _ = decays(a, b)
-            put(p_ref, a, b, kc.mm(q_a, load_qk(k_ref, b), precision, trans_b=True) * decay_incl)
-        fence()
-
-    # The diagonal blocks of A first, inverted together (4 independent substitution chains in one
-    # loop, not 4 loops one after another), then the off-diagonal blocks of X row block by row
-    # block: X_ab = -X_aa sum_m A_am X_mb.
-    k_blocks = {}
-    a_diag = []
-    for a in range(nb):
-        k_blocks[a] = load_qk(k_ref, a)
-        _, decay_strict = decays(a, a)
-        a_diag.append(betas[a][:, None] * kc.mm(k_blocks[a], k_blocks[a], precision, trans_b=True)
-                      * decay_strict)
-    x_blk = {(a, a): x_aa for a, x_aa in enumerate(_unit_lower_inverses(a_diag))}
-    for a in range(nb):
-        put(x_ref, a, a, x_blk[a, a])
-        for b in range(a + 1, nb):
-            put(x_ref, a, b, zeros)
-    fence()
-    for a in range(1, nb):
         k_a = load_qk(k_ref, a)
-        a_row = {a: a_diag[a]}
-        for b in range(a):
-            _, decay_strict = decays(a, b)
-            a_row[b] = betas[a][:, None] * kc.mm(k_a, load_qk(k_ref, b), precision, trans_b=True) * decay_strict
+        q_a = load_qk(q_ref, a)
+        a_row = {}
+        for b in range(a + 1):
+            k_b = k_a if b == a else load_qk(k_ref, b)
+            # exp of a difference of prefix sums, clamped at 0 (never exp(gamma_i) * exp(-gamma_j),
+            # which overflows); on the diagonal blocks the upper triangle is masked to 0.
+            decay = jnp.exp(jnp.minimum(gammas[a][:, None] - gammas[b][None, :], 0.0))
+            if a == b:
+                decay_incl = jnp.where(rows2 >= cols2, decay, 0.0)
+                decay_strict = jnp.where(rows2 > cols2, decay, 0.0)
+            else:
+                decay_incl = decay_strict = decay
+            kk = kc.mm(k_a, k_b, precision, trans_b=True)
+            a_row[b] = betas[a][:, None] * kk * decay_strict
+            put(p_ref, a, b, kc.mm(q_a, k_b, precision, trans_b=True) * decay_incl)
+        for b in range(a + 1, nb):
+            put(p_ref, a, b, zeros)
+            put(x_ref, a, b, zeros)
+        # Row block a of X: X_aa by forward substitution, then X_ab = -X_aa sum_m A_am X_mb.
+        x_aa = _unit_lower_inverse(a_row[a])
         for b in range(a):
             acc = kc.mm(a_row[b], x_blk[b, b], precision)
             for m in range(b + 1, a):
-                acc = kc.mm(a_row[m], x_blk[m, b], precision, acc=acc)
-            x_blk[a, b] = -kc.mm(x_blk[a, a], acc, precision)
+                acc = acc + kc.mm(a_row[m], x_blk[m, b], precision)
+            x_blk[a, b] = -kc.mm(x_aa, acc, precision)
             put(x_ref, a, b, x_blk[a, b])
-        fence()
+        x_blk[a, a] = x_aa
+        put(x_ref, a, a, x_aa)
 
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
@@ -323,7 +293,7 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
     outs = pl.pallas_call(
         functools.partial(_intra_chunk_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim,
-                          precision=kc.dot_precision(precision, interpret), barrier=not interpret),
+                          precision=kc.dot_precision(precision, interpret)),
         out_shape=mat + mat,
         grid=(num_value_heads, num_slots),
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=1),

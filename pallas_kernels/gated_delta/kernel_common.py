@@ -38,11 +38,6 @@ def compiler_params(num_warps: int, num_stages: int | None = None):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def barrier():
-    """A barrier across the program's threads (Triton lowering only; not for interpret mode)."""
-    _plt.debug_barrier()
-
-
 def load(ref, *, mask=None, other=None):
     """Masked load (Triton `tl.load` semantics: masked-off lanes read `other`, never memory)."""
     if mask is None:
