@@ -380,8 +380,9 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       chunk_size: C in CHUNK_SIZES.
       precision: in-kernel dot arithmetic for fp32 operands, one of kernel_common.PRECISIONS.
       block_v: BV, value columns per program of the state pass (a power of two >= 16). The
-        defaults (bf16x3, BV=64, 4 warps; 1 warp for the intra-chunk kernel: 0.16 ms against 0.42
-        with 4 at B=1, T=4096) were the fastest measured on an H200 (NOTES.md).
+        defaults (bf16x3, BV=64, 4 warps, 2 stages; 1 warp for the intra-chunk kernel) were the
+        fastest measured on an H200 and again on an H100 (2026-12-06, B=1, T=4096: 0.534 ms in
+        all, against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
