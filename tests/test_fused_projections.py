@@ -114,3 +114,24 @@ def test_bad_fusions(tiny):
     partial = M.unflatten({k: v for k, v in M.flatten(params).items() if ".layers.1.mlp.up_proj" not in k})
     with pytest.raises(ValueError, match=r"layers\.1\.mlp: has \['gate_proj'\] but not \['up_proj'\]"):
         Q.fuse_projections(partial)
+
+
+def test_linear_rounds_once_from_float32():
+    # layers.linear accumulates in float32 and rounds once to the input dtype, whichever result type
+    # it asks of the GEMM (bf16 on a GPU, where cuBLAS rounds its fp32 accumulator once; f32 then a
+    # cast elsewhere). Against numpy's float64 product rounded to bf16: at most one bf16 ulp
+    # (2^-8 relative) apart, from fp32 summation order over K=512 (|rel| ~ 512 * 2^-24 << 2^-8).
+    from qwen35_jax import layers as L
+
+    assert L.gemm_out_dtype(jnp.float32) == jnp.float32
+    expect = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    assert L.gemm_out_dtype(jnp.bfloat16) == expect
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 512)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((48, 512)), jnp.bfloat16)
+    y = L.linear(x, w)
+    assert y.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    rounded = np.asarray(jnp.asarray(exact, jnp.bfloat16), np.float64)
+    ulp = np.abs(rounded) * 2.0 ** -8 + 1e-30
+    assert np.all(np.abs(np.asarray(y, np.float64) - rounded) <= ulp)
