@@ -614,64 +614,62 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         mask = rows_ok if cmask is None else (cmask if rows_ok is None else rows_ok & cmask)
         return _load(x_ref, (pl.ds(m0, bm), pl.ds(k0, r)), mask).astype(cdt)  # [bm, R]
 
-    if cfg.mode == "gemm" and cfg.stacked:
-        # acc^T [bn, bm] += W^T [bn, pR] @ xs^T [pR, bm], column r * p + j of both being weight row
-        # j * S + r0 + r (x reordered by the wrapper; its padding columns are zeros).
-        def body_s(c, acc):
-            r0 = pl.multiple_of(row_base + c * r, r)
-            words = _load(w_ref, (pl.ds(r0, r), cols), col_ok).T  # [bn, R] uint32
-            shifted, tiles = {}, []
-            for j in range(p):
-                if j not in live_slabs:  # all padding rows: zero weights (x is zero there too)
-                    tiles.append(jnp.zeros((bn, r), cdt))
-                    continue
-                k0 = j * s_rows + r0
-                d, b = plan[j]
-                if d not in shifted:
-                    shifted[d] = _shift(words, d)
-                f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
-                _, kk, coef = top_terms(j, k0)
-                a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
-                a_, kk = a_.T, (kk.T if jnp.ndim(kk) == 2 else kk)
-                tiles.append((f * a_ + (-kk * a_)).astype(cdt))
-            w = _interleave(tiles).reshape(bn, p * r)  # column r * p + j <- tiles[j][:, r]
-            xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(r0 * p, p * r)), rows_ok)  # [bm, pR]
-            return acc + jax.lax.dot(w, xs.astype(cdt).T, preferred_element_type=jnp.float32)
+    def slab_t(words_t, shifted, j, r0):
+        """Slab j of a step for the transposed gemms: (code - zero) * scale as one FFMA,
+        f * (s / u) - (1 + z u) * (s / u), decoded as in fast_decode; [bn, R] in cdt. `shifted`
+        caches the shifted words of the step (fields of one plan group share a shift)."""
+        k0 = j * s_rows + r0
+        d, b = plan[j]
+        if d not in shifted:
+            shifted[d] = _shift(words_t, d)
+        f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
+        _, kk, coef = top_terms(j, k0)
+        a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
+        a_, kk = a_.T, (kk.T if jnp.ndim(kk) == 2 else kk)  # per column -> per row
+        return (f * a_ + (-kk * a_)).astype(cdt)
 
-        acc = jax.lax.fori_loop(0, steps, body_s, jnp.zeros((bn, bm), jnp.float32)).T
+    def run_transposed(body_fn):
+        """The step loop of a transposed gemm (accumulator [bn, bm]) and the store of its tile."""
+        acc = jax.lax.fori_loop(0, steps, body_fn, jnp.zeros((bn, bm), jnp.float32)).T
         mask = rows_ok
         if col_ok is not None:
             mask = col_ok if mask is None else mask & col_ok
         _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
+
+    def step_words_t(c):
+        r0 = pl.multiple_of(row_base + c * r, r)
+        return r0, _load(w_ref, (pl.ds(r0, r), cols), col_ok).T  # [bn, R] uint32
+
+    if cfg.mode == "gemm" and cfg.stacked:
+        # acc^T [bn, bm] += W^T [bn, pR] @ xs^T [pR, bm], column r * p + j of both being weight row
+        # j * S + r0 + r (x reordered by the wrapper; its padding columns are zeros).
+        def body_s(c, acc):
+            r0, words = step_words_t(c)
+            shifted = {}
+            # slabs of padding rows only: zero weights (x is zero there too)
+            tiles = [slab_t(words, shifted, j, r0) if j in live_slabs else jnp.zeros((bn, r), cdt)
+                     for j in range(p)]
+            w = _interleave(tiles).reshape(bn, p * r)  # column r * p + j <- tiles[j][:, r]
+            xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(r0 * p, p * r)), rows_ok)  # [bm, pR]
+            return acc + jax.lax.dot(w, xs.astype(cdt).T, preferred_element_type=jnp.float32)
+
+        run_transposed(body_s)
         return
 
     if cfg.mode == "gemm" and cfg.transposed:
         # acc^T [bn, bm] = sum_j deq(W_j)^T [bn, R] @ x_j^T [R, bm]: the decoded weights are the
         # dot's first operand, which Hopper's wgmma reads from registers; the activations are the
-        # second, staged in shared memory by the pipelined loads. Decode as in fast_decode.
+        # second, staged in shared memory by the pipelined loads.
         def body_t(c, acc):
-            r0 = pl.multiple_of(row_base + c * r, r)
-            words = _load(w_ref, (pl.ds(r0, r), cols), col_ok).T  # [bn, R] uint32
+            r0, words = step_words_t(c)
             shifted = {}
             for j in live_slabs:
-                k0 = j * s_rows + r0
-                xt = x_tile(j, k0)  # [bm, R]
-                d, b = plan[j]
-                if d not in shifted:
-                    shifted[d] = _shift(words, d)
-                f = _decode_top(shifted[d], b, bits, masks)  # 1 + code * u, [bn, R]
-                _, kk, coef = top_terms(j, k0)
-                a_ = coef * pc_scale if per_channel else coef  # s / u, [1, bn]
-                a_, kk = a_.T, (kk.T if jnp.ndim(kk) == 2 else kk)  # per column -> per row
-                w = (f * a_ + (-kk * a_)).astype(cdt)  # [bn, R]
-                acc = acc + jax.lax.dot(w, xt.T, preferred_element_type=jnp.float32)
+                xt = x_tile(j, j * s_rows + r0)  # [bm, R]
+                acc = acc + jax.lax.dot(slab_t(words, shifted, j, r0), xt.T,
+                                        preferred_element_type=jnp.float32)
             return acc
 
-        acc = jax.lax.fori_loop(0, steps, body_t, jnp.zeros((bn, bm), jnp.float32)).T
-        mask = rows_ok
-        if col_ok is not None:
-            mask = col_ok if mask is None else mask & col_ok
-        _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
+        run_transposed(body_t)
         return
 
     def body(c, acc):
