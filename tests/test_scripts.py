@@ -133,3 +133,16 @@ def test_bench_gated_delta_decode_cpu(tmp_path):
     impls = [row["impl"] for row in json.loads(out.read_text())["rows"]]
     assert impls == ["ours XLA step (one call)", "ours XLA step (2 layers in one jit, per layer)"], impls
     assert "pallas BV=16 warps=1 decode B=1 failed" in r.stdout
+
+
+def test_bench_gated_delta_processes_cpu(tmp_path):
+    """--processes: the prefill timed in fresh processes, aggregated per implementation (fastest and
+    median process, every value)."""
+    out = tmp_path / "gdp.json"
+    r = _run(ROOT / "scripts" / "bench_gated_delta.py", "--processes", "2", "--prefill", "1x64",
+             "--impls", "chunked:blocked:float32", "--reps", "1", "--inner", "1", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["impl"] == "ours chunked:blocked:float32" and row["processes"] == 2, row
+    assert len(row["all_ms"]) == 2 and row["min_ms"] == min(row["all_ms"]) > 0, row
+    assert row["median_ms"] == sum(row["all_ms"]) / 2, row
