@@ -213,9 +213,9 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         gamma_end = jnp.sum(g)  # gamma of the last token (padded tokens have g = 0)
         decay_in = jnp.exp(gamma)[:, None]  # chunk start -> token i
         decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[:, None]  # token i -> chunk end
-        # Order and accumulators keep few [C, BV] / [K, BV] fp32 tiles live at once (the 4-warp
-        # program is register-bound): Q S is formed after V' and goes in as the accumulator of
-        # P V', and the decayed state is the accumulator of the update's dot.
+        # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
+        # register-bound): e^gamma Q S goes in as the accumulator of P V', and the decayed state
+        # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
         ks = kc.mm(k, s, precision)  # [C, BV]
         qs = kc.mm(q, s, precision)
         rhs = beta[:, None] * (v - decay_in * ks)

@@ -112,7 +112,8 @@ def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None):
         return add(dot(a, b), acc)
     if precision == _SPLIT:
         a_parts, b_parts = split_bf16(a), split_bf16(b)
-        # The small cross terms first, the large hi*hi product last: the same sum in fp32.
+        # The small cross terms first, the large hi*hi product last (the same three products as
+        # before `acc` existed, summed in another order: fp32 rounding differences only).
         if len(b_parts) > 1:
             acc = add(dot(a_parts[0], b_parts[1]), acc)
         if len(a_parts) > 1:

@@ -388,6 +388,11 @@ def _load(ref, idx, mask):
     return pltriton.load(ref.at[idx], mask=mask, other=0)
 
 
+def _zeros_and_out(rest, has_zeros: bool):
+    """(z_ref or None, o_ref) from a kernel's trailing refs: [z_ref,] o_ref."""
+    return (rest[0], rest[1]) if has_zeros else (None, rest[0])
+
+
 def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, k: int,
             s_rows: int, group_size, has_zeros: bool, cdt, out_partial: bool):
     """One program: output tile [bm, bn] (gemm / gemv_dot) or [M, bn] (gemv_fma*) over one K split.
@@ -395,11 +400,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
     x_ref [M, K], w_ref uint32 [S, N], s_ref [G, N], z_ref uint8 [G, N] (optional),
     o_ref [M, N] (out dtype) or [splits, M, N] float32 partial sums.
     """
-    if has_zeros:
-        z_ref, o_ref = rest
-    else:
-        (o_ref,) = rest
-        z_ref = None
+    z_ref, o_ref = _zeros_and_out(rest, has_zeros)
     p = 32 // bits
     r, bn = cfg.rows, cfg.bn
     per_channel = group_size is None
@@ -801,11 +802,7 @@ def _dequant_kernel(w_ref, s_ref, *rest, bits: int, k: int, s_rows: int, rows: i
                     group_size, has_zeros: bool):
     """One [R, bn] tile of words -> the p weight row blocks it holds, ``(code - zero) * scale``
     rounded once to the output dtype, stored at rows ``j * S + r0`` (rows >= K are not stored)."""
-    if has_zeros:
-        z_ref, o_ref = rest
-    else:
-        (o_ref,) = rest
-        z_ref = None
+    z_ref, o_ref = _zeros_and_out(rest, has_zeros)
     p = 32 // bits
     r0 = pl.multiple_of(pl.program_id(0) * rows, rows)
     col0 = pl.multiple_of(pl.program_id(1) * bn, bn)
