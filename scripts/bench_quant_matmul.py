@@ -320,14 +320,15 @@ def run_sweep_dequant(rows, reps):
 
 # --sweep-m1: the decode candidates closest to the table's at M=1, K=5120 -> N=34816 (for a GPU
 # other than the one the table was tuned on).
-SWEEP_M1 = (
-    [(5120, 34816, 1, None, "xla_bf16")]
-    + [(5120, 34816, 1, sc, c) for sc in ("int4_g128", "int8_g32")
-       for c in ("row_r16_bn128_w1_pf_t16", "row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16",
-                 "row_r16_bn128_w1_pf", "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf",
-                 "row_r16_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf3_t16",
-                 "row_r16_bn64_w1_pf_t32")]
-)
+_M1_FIRST = ("row_r16_bn128_w1_pf_t16", "row_r16_bn64_w1_pf_t32", "row_r16_bn128_w1_pf_t16_xf",
+             "row_r16_bn64_w1_pf_t32_xf", "row_r32_bn64_w1_pf_t32_xf", "row_r8_bn256_w1_pf_xf",
+             "row_r8_bn128_w1_pf_t16_xf")
+_M1_REST = ("row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16", "row_r16_bn128_w1_pf",
+            "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf", "row_r16_bn128_w1_pf2_t16",
+            "row_r8_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf3_t16")
+SWEEP_M1 = [(5120, 34816, 1, None, "xla_bf16")] + [
+    (5120, 34816, 1, sc, c) for names in (_M1_FIRST, _M1_REST) for sc in ("int4_g128", "int8_g32")
+    for c in names]
 
 
 # --sweep-prefill: where the prefill path (Pallas dequantization pass + XLA bf16 GEMM) comes within

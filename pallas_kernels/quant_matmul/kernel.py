@@ -112,6 +112,12 @@ class Config:
       (a register double buffer carried by the loop; Triton does not software-pipeline loads
       that feed no dot, so otherwise a warp's loads and its arithmetic do not overlap). An int
       d >= 1 (gemv_row) keeps d steps in flight (True is 1).
+    x_f32: gemv_row only: the activations go to the kernel as float32, zero-padded to the p S
+      rows of the packed layout, with their sums per slab and step precomputed by XLA
+      (``row_activations``), so the loop loads each activation as an fp32 scalar (no convert, no
+      mask on the slab that straddles K) and adds no activation sums (with bn = 128 and one warp,
+      each activation serves 4 weights of a thread: the convert and the add were ~0.5 of the ~3.5
+      instructions per weight).
     """
 
     mode: str
@@ -126,6 +132,7 @@ class Config:
     prefetch: bool | int = False
     transposed: bool = False
     stacked: bool = False
+    x_f32: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +210,18 @@ CANDIDATES = {
                                     prefetch=3, target=16),
     "row_r16_bn64_w1_pf_t32": dict(mode="gemv_row", bm=16, bn=64, rows=16, num_warps=1,
                                    prefetch=True, target=32),
+    # x_f32: fp32 zero-padded activations and their step sums from XLA (no convert or add of x in
+    # the loop; Config.x_f32)
+    "row_r16_bn128_w1_pf_t16_xf": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                       prefetch=True, target=16, x_f32=True),
+    "row_r16_bn64_w1_pf_t32_xf": dict(mode="gemv_row", bm=16, bn=64, rows=16, num_warps=1,
+                                      prefetch=True, target=32, x_f32=True),
+    "row_r32_bn64_w1_pf_t32_xf": dict(mode="gemv_row", bm=16, bn=64, rows=32, num_warps=1,
+                                      prefetch=True, target=32, x_f32=True),
+    "row_r8_bn256_w1_pf_xf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
+                                  prefetch=True, target=8, x_f32=True),
+    "row_r8_bn128_w1_pf_t16_xf": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                                      prefetch=True, target=16, x_f32=True),
     "row_r8_bn256_w1_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
                                prefetch=True, target=8),
     "row_r8_bn256_w2_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=2,
@@ -393,11 +412,28 @@ def _zeros_and_out(rest, has_zeros: bool):
     return (rest[0], rest[1]) if has_zeros else (None, rest[0])
 
 
+def _kernel_x_f32(x_ref, xs_ref, w_ref, s_ref, *rest, **kw):
+    """`_kernel` with the activations of ``row_activations``: x_ref float32 [M, p S], xs_ref
+    float32 [M, p S / R] (config.x_f32)."""
+    _kernel(x_ref, w_ref, s_ref, *rest, xs_ref=xs_ref, **kw)
+
+
+def row_activations(x, *, bits: int, s_rows: int, rows: int):
+    """config.x_f32: (x as float32 zero-padded to [M, p S], the sums of each R-row block of it
+    [M, p S / R]); block t holds the activations of rows t R .. t R + R - 1, i.e. of slab
+    t // (S / R), word rows (t % (S / R)) R onward."""
+    m, k = x.shape
+    kp = (32 // bits) * s_rows
+    xf = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - k)))
+    return xf, xf.reshape(m, kp // rows, rows).sum(axis=-1)
+
+
 def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, k: int,
-            s_rows: int, group_size, has_zeros: bool, cdt, out_partial: bool):
+            s_rows: int, group_size, has_zeros: bool, cdt, out_partial: bool, xs_ref=None):
     """One program: output tile [bm, bn] (gemm / gemv_dot) or [M, bn] (gemv_fma*) over one K split.
 
-    x_ref [M, K], w_ref uint32 [S, N], s_ref [G, N], z_ref uint8 [G, N] (optional),
+    x_ref [M, K] (config.x_f32: float32 [M, p S], and xs_ref [M, p S / R]: `row_activations`),
+    w_ref uint32 [S, N], s_ref [G, N], z_ref uint8 [G, N] (optional),
     o_ref [M, N] (out dtype) or [splits, M, N] float32 partial sums.
     """
     z_ref, o_ref = _zeros_and_out(rest, has_zeros)
@@ -548,6 +584,10 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
                     f = _decode_top(shifted[d], b, bits, masks)  # [1, bn]
                     kt = j * s_rows + r0 + t
                     for i in range(m):
+                        if xs_ref is not None:  # fp32, zero-padded: no convert, no mask
+                            parts[(i, j)] = (x_ref[i, kt] * f if parts[(i, j)] is None
+                                             else parts[(i, j)] + x_ref[i, kt] * f)
+                            continue
                         if (j + 1) * s_rows <= k:
                             xv = x_ref[i, kt].astype(jnp.float32)
                         else:  # the slab that straddles K: rows >= K read 0
@@ -559,6 +599,8 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
             for j in live_slabs:
                 _, kk, coef = top_terms(j, j * s_rows + r0)
                 for i in range(m):
+                    if xs_ref is not None:
+                        xsums[(i, j)] = xs_ref[i, (j * s_rows + r0) // r]
                     accs[i] = accs[i] + coef * (parts[(i, j)] - xsums[(i, j)] * kk)
             return (nxt if depth else ()) + tuple(accs)
 
@@ -777,13 +819,16 @@ def quant_matmul_pallas(x, packed, scales, zeros, *, bits: int, group_size: int,
     else:
         out_shape = jax.ShapeDtypeStruct((m, n), x.dtype)
     kern = functools.partial(
-        _kernel, cfg=cfg, bits=bits, m=m, n=n, k=k, s_rows=s_rows,
+        _kernel_x_f32 if cfg.x_f32 else _kernel, cfg=cfg, bits=bits, m=m, n=n, k=k, s_rows=s_rows,
         group_size=None if group_size == in_features else group_size, has_zeros=has_zeros,
         cdt=cdt, out_partial=out_partial,
     )
     name = f"quant_matmul_{cfg.mode}_int{bits}"
-    xin = stacked_activations(x, bits=bits, s_rows=s_rows) if cfg.stacked else x
-    args = (xin, packed, scales) + ((zeros,) if has_zeros else ())
+    if cfg.x_f32:
+        xin = row_activations(x, bits=bits, s_rows=s_rows, rows=cfg.rows)
+    else:
+        xin = (stacked_activations(x, bits=bits, s_rows=s_rows) if cfg.stacked else x,)
+    args = xin + (packed, scales) + ((zeros,) if has_zeros else ())
     out = pl.pallas_call(
         kern,
         out_shape=out_shape,
@@ -889,6 +934,8 @@ def _check_config(cfg: Config, m, n, s_rows, group_size, in_features, bits=None)
         raise ValueError("the gemm mode does not split K")
     if cfg.transposed and cfg.mode != "gemm":
         raise ValueError(f"config.transposed applies to the gemm mode only, not {cfg.mode!r}")
+    if cfg.x_f32 and cfg.mode != "gemv_row":
+        raise ValueError(f"config.x_f32 applies to the gemv_row mode only, not {cfg.mode!r}")
     if cfg.stacked and not (cfg.mode == "gemm" and cfg.transposed):
         raise ValueError("config.stacked needs the transposed gemm (mode='gemm', transposed=True)")
     if cfg.stacked and bits is not None and (32 // bits) & (32 // bits - 1):

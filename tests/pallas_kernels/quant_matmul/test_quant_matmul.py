@@ -121,6 +121,13 @@ INTERPRET_CASES = [
     (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, prefetch=2)),
     (1, 384, 72, 4, 128, False, jnp.bfloat16, Config("gemv_row", 16, 32, 8, splits=4, prefetch=3)),
     (1, 160, 48, 8, 32, False, jnp.bfloat16, Config("gemv_row", 16, 16, 16, splits=2)),
+    # x_f32: fp32 zero-padded activations and their step sums from XLA (ragged N, the slab that
+    # straddles K, split-K, zeros, per-channel, prefetch depth 2, f16)
+    (1, 160, 200, 4, 32, False, jnp.bfloat16, Config("gemv_row", 16, 64, 16, splits=2, x_f32=True)),
+    (3, 160, 200, 8, "pc", True, jnp.float16, Config("gemv_row", 16, 64, 8, splits=3, prefetch=True,
+                                                     x_f32=True)),
+    (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, prefetch=2, x_f32=True)),
+    (2, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemv_row", 16, 32, 16, x_f32=True)),
     # fast decode in the dot paths
     (3, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 64, 16, splits=2,
                                                     fast_decode=True)),
@@ -349,6 +356,8 @@ def test_config_errors():
         qk._check_config(Config("gemv_dot", 16, 64, 16, splits=3), 1, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="transposed applies to the gemm mode only"):
         qk._check_config(Config("gemv_row", 16, 64, 16, transposed=True), 1, 64, 32, 32, 160)
+    with pytest.raises(ValueError, match="x_f32 applies to the gemv_row mode only"):
+        qk._check_config(Config("gemv_red", 16, 64, 16, x_f32=True), 1, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="stacked needs the transposed gemm"):
         qk._check_config(Config("gemm", 16, 64, 16, stacked=True), 32, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="power-of-2 number of codes"):
@@ -388,7 +397,7 @@ def test_kernel_matches_reference_gpu(rng, case):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Pallas Triton kernels)")
 @pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row",
-                                  "gemv_row-pf", "gemv_row-pf2", "gemv_dot-fast", "gemm-fast", "gemm-T", "gemm-S"])
+                                  "gemv_row-pf", "gemv_row-pf2", "gemv_row-xf", "gemv_dot-fast", "gemm-fast", "gemm-T", "gemm-S"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_modes_gpu(rng, mode, bits):
     m, k, n, g = 2, 1024, 520, 128  # ragged N
@@ -397,7 +406,8 @@ def test_decode_modes_gpu(rng, mode, bits):
     kw = dict(bits=bits, group_size=g, in_features=k)
     mode, _, flag = mode.partition("-")
     cfg = Config(mode, 16, 128, 16 if mode in ("gemv_red", "gemv_row") else 64, splits=2,
-                 fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2}.get(flag, False))
+                 fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2, "xf": True}.get(flag, False),
+                 x_f32=flag == "xf")
     if mode == "gemm":
         cfg = Config("gemm", 64, 64, 32, fast_decode=True, transposed=flag in ("T", "S"), stacked=flag == "S")
     out = qk.quant_matmul_pallas(x, packed, scales, zeros, config=cfg, **kw)
