@@ -270,12 +270,14 @@ CANDIDATES = {
 # so that N / bn * splits >= target * NUM_SMS (4 per SM was better than 2 or 16 for gemv_dot).
 # Decode: the round-3 sweep's winner for all three schemes (H200, device time, K=5120 -> N=34816, M=1:
 # int4 g128 45.3 us against 76.5 for dot_r128_w8, int8 g32 54.3 against 85.6, int8 per-channel 56.7
-# against 61.1; NOTES.md round 3).
+# against 61.1; NOTES.md round 3), with its activations as fp32 and their step sums from XLA
+# (x_f32; H100, 2026-12-06, two runs: int4 g128 47.2 / 46.9 us against 49.3 / 48.8 without, int8 g32
+# 68.4 against 69.6; NOTES.md round 6).
 _TABLE = {
-    ("decode", 4, False): "row_r16_bn128_w1_pf_t16",
-    ("decode", 4, True): "row_r16_bn128_w1_pf_t16",
-    ("decode", 8, False): "row_r16_bn128_w1_pf_t16",
-    ("decode", 8, True): "row_r16_bn128_w1_pf_t16",
+    ("decode", 4, False): "row_r16_bn128_w1_pf_t16_xf",
+    ("decode", 4, True): "row_r16_bn128_w1_pf_t16_xf",
+    ("decode", 8, False): "row_r16_bn128_w1_pf_t16_xf",
+    ("decode", 8, True): "row_r16_bn128_w1_pf_t16_xf",
     ("gemm", 4, False): "gemm_128x128_r32_w8",
     ("gemm", 4, True): "gemm_128x128_r32_w8",
     ("gemm", 8, False): "gemm_128x128_r32_w8",
