@@ -326,9 +326,17 @@ _M1_FIRST = ("row_r16_bn128_w1_pf_t16", "row_r16_bn64_w1_pf_t32", "row_r16_bn128
 _M1_REST = ("row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16", "row_r16_bn128_w1_pf",
             "row_r8_bn128_w1_pf", "red_r16_bn128_w1", "row_r8_bn256_w1_pf", "row_r16_bn128_w1_pf2_t16",
             "row_r8_bn128_w1_pf2_t16", "row_r8_bn128_w1_pf3_t16")
-SWEEP_M1 = [(5120, 34816, 1, None, "xla_bf16")] + [
-    (5120, 34816, 1, sc, c) for names in (_M1_FIRST, _M1_REST) for sc in ("int4_g128", "int8_g32")
-    for c in names]
+
+
+def sweep_m1_plan(candidates=None):
+    """--sweep-m1: XLA bf16, then each candidate (default: _M1_FIRST then _M1_REST) for int4 g128 and
+    int8 g32, the first group of candidates for both schemes before the second."""
+    groups = (_M1_FIRST, _M1_REST) if candidates is None else (tuple(candidates),)
+    unknown = [c for g in groups for c in g if c not in qk.CANDIDATES]
+    if unknown:
+        raise SystemExit(f"--m1-candidates: not in kernel.CANDIDATES: {', '.join(unknown)}")
+    return [(5120, 34816, 1, None, "xla_bf16")] + [
+        (5120, 34816, 1, sc, c) for names in groups for sc in ("int4_g128", "int8_g32") for c in names]
 
 
 # --sweep-prefill: where the prefill path (Pallas dequantization pass + XLA bf16 GEMM) comes within
@@ -463,6 +471,8 @@ def main():
                     help="the Pallas dequantization pass alone, several launch settings (GB/s moved)")
     ap.add_argument("--sweep-m1", action="store_true",
                     help="the decode candidates nearest the table's, M=1 at the first shape")
+    ap.add_argument("--m1-candidates", default=None,
+                    help="comma list of kernel.CANDIDATES names for --sweep-m1 (default: its own list)")
     ap.add_argument("--sweep-prefill", action="store_true",
                     help="the prefill path (dequantization pass + bf16 GEMM) against bf16 at M=512..4096")
     ap.add_argument("--dequant-config", default=None,
@@ -529,7 +539,7 @@ def main():
     if args.sweep3:
         run_plan(SWEEP3, "sweep3")
     if args.sweep_m1:
-        run_plan(SWEEP_M1, "m1")
+        run_plan(sweep_m1_plan(args.m1_candidates and args.m1_candidates.split(",")), "m1")
     if args.sweep_dequant:
         run_plan(None, "dequant", lambda: run_sweep_dequant(sweep3_rows, args.reps))
     if args.dequant_config:

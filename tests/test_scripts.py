@@ -146,3 +146,21 @@ def test_bench_gated_delta_processes_cpu(tmp_path):
     assert row["impl"] == "ours chunked:blocked:float32" and row["processes"] == 2, row
     assert len(row["all_ms"]) == 2 and row["min_ms"] == min(row["all_ms"]) > 0, row
     assert row["median_ms"] == sum(row["all_ms"]) / 2, row
+
+
+def test_bench_quant_matmul_m1_candidates_flag():
+    """--m1-candidates names the --sweep-m1 kernels; a name not in kernel.CANDIDATES is an error that
+    names it, before any GPU work."""
+    r = _run(ROOT / "scripts" / "bench_quant_matmul.py", "--sweep-m1", "--no-bench",
+             "--m1-candidates", "row_r16_bn128_w1_pf_t16_xf,row_nope")
+    assert r.returncode != 0 and "row_nope" in r.stderr and "row_r16_bn128_w1_pf_t16_xf" not in r.stderr, r.stderr
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_qmm", ROOT / "scripts" / "bench_quant_matmul.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    plan = mod.sweep_m1_plan(["row_r16_bn128_w1_pf_t16", "row_r16_bn128_w1_pf_t16_xf"])
+    assert [(sc, c) for _, _, _, sc, c in plan] == [
+        (None, "xla_bf16"), ("int4_g128", "row_r16_bn128_w1_pf_t16"), ("int4_g128", "row_r16_bn128_w1_pf_t16_xf"),
+        ("int8_g32", "row_r16_bn128_w1_pf_t16"), ("int8_g32", "row_r16_bn128_w1_pf_t16_xf")]
+    assert len(mod.sweep_m1_plan()) == 1 + 2 * (len(mod._M1_FIRST) + len(mod._M1_REST))
