@@ -133,8 +133,11 @@ def run_case(rows, k, n, m, method, fn, weights, nbytes, reps, config=None):
         row.update(us=t * 1e6, us_min=tmin * 1e6, weight_GBps=nbytes / t / 1e9,
                    TFLOPs=2 * m * k * n / t / 1e12)
         if device:
+            # by kernel (JSON only): the Pallas kernel apart from the split-K reduction and the
+            # activations' preparation (x_f32), which the device_us column includes
             row.update(device_us=device["busy_us"], kernels=device["kernels"],
-                       device_GBps=nbytes / device["busy_us"] / 1e3)
+                       device_GBps=nbytes / device["busy_us"] / 1e3,
+                       device_us_by_kernel={name: round(us, 3) for name, us in device["by_name"].items()})
     except Exception as e:  # a config Triton cannot compile (shared memory, registers) is a result too
         row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
         traceback.print_exc(limit=1)
