@@ -111,7 +111,7 @@ def gated_delta_kernels(args):
               sd((1, args.t, 48), jnp.bfloat16))
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
         q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
-        num_warps_intra=args.num_warps_intra)
+        num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
             ("state_pass", state, args.num_warps, args.num_stages)]
@@ -133,6 +133,8 @@ def main(argv=None):
     g.add_argument("--num-warps", type=int, default=4)
     g.add_argument("--num-stages", type=int, default=2)
     g.add_argument("--num-warps-intra", type=int, default=1)
+    g.add_argument("--fuse-products", action="store_true",
+                   help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused)")
     for p in (q, g):
         p.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx files")
     args = ap.parse_args(argv)

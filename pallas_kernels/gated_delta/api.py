@@ -275,7 +275,8 @@ def gated_delta_rule(
         "bf16x3" for "chunked", see reference.DOT_PRECISIONS; "bf16x3", "tf32x3", "tf32", "float32"
         for the Pallas kernels, see kernel_common.PRECISIONS). On other backends the chunked form
         computes in float32; the Pallas "bf16x3" splits operands by hand on every backend.
-      **tuning: Pallas launch settings (block_v, num_warps, num_stages, num_warps_intra).
+      **tuning: Pallas launch settings (block_v, num_warps, num_stages, num_warps_intra), and
+        fuse_products (experimental, bf16x3: see `chunk_gated_delta_rule_pallas`).
 
     Returns:
       (o [B, T, Hv, V], final_state [B, Hv, K, V] float32; [S, Hv, K, V] with cu_seqlens).

@@ -162,7 +162,7 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
-                       has_initial_state, mat_parts):
+                       has_initial_state, mat_parts, fuse=False):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
@@ -216,14 +216,15 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
         # register-bound): e^gamma Q S goes in as the accumulator of P V', and the decayed state
         # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
-        ks = kc.mm(k, s, precision)  # [C, BV]
-        qs = kc.mm(q, s, precision)
+        ks = kc.mm(k, s, precision, fuse=fuse)  # [C, BV]
+        qs = kc.mm(q, s, precision, fuse=fuse)
         rhs = beta[:, None] * (v - decay_in * ks)
-        v_new = kc.mm(x, rhs, precision)
-        o = kc.mm(p, v_new, precision, acc=decay_in * qs)
+        v_new = kc.mm(x, rhs, precision, fuse=fuse)
+        o = kc.mm(p, v_new, precision, acc=decay_in * qs, fuse=fuse)
         kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
-        return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s)
+        return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s,
+                     fuse=fuse)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s
@@ -306,9 +307,11 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
 
 
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
-               precision="tf32x3", block_v=32, num_warps=4, num_stages=2, interpret=False):
+               precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
+               interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
-    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None).
+    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): each product's bf16 parts
+    in one dot (`kernel_common.mm_fused`) instead of one dot per part.
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -323,7 +326,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
-                          mat_parts=len(x_parts)),
+                          mat_parts=len(x_parts), fuse=fuse_products),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -338,11 +341,11 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
 @functools.partial(
     jax.jit,
     static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
-                     "num_warps_intra", "interpret"),
+                     "num_warps_intra", "fuse_products", "interpret"),
 )
 def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
-                              interpret):
+                              interpret, fuse_products=False):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
     initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
@@ -360,7 +363,8 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
         h0 = initial_state.astype(F32).reshape(num_seqs * num_value_heads * key_dim, value_dim)
     o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, starts, lens, chunk_size=chunk_size,
                         group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
-                        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                        num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
+                        interpret=interpret)
     return (o2.reshape(total, num_value_heads, value_dim),
             ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
 
@@ -368,7 +372,8 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_seqlens=None,
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                                  num_warps_intra: int = 1, interpret: bool = False):
+                                  num_warps_intra: int = 1, fuse_products: bool = False,
+                                  interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -383,12 +388,16 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         defaults (bf16x3, BV=64, 4 warps, 2 stages; 1 warp for the intra-chunk kernel) were the
         fastest measured on an H200 and again on an H100 (2026-12-06, B=1, T=4096: 0.534 ms in
         all, against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6).
+      fuse_products: state pass, bf16x3 only: the bf16 parts of each product in one dot of 2 or 4
+        times the depth (experimental, not yet timed on a GPU; NOTES.md run 7).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Pallas kernels, got {chunk_size}")
+    if fuse_products and precision != "bf16x3":
+        raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
     batch, seq_len, num_key_heads, key_dim = k.shape
     num_value_heads, value_dim = v.shape[-2:]
     out_dtype = jnp.dtype(v.dtype if out_dtype is None else out_dtype)
@@ -412,7 +421,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         qf, kf, vf, g.reshape(total, num_value_heads), beta.reshape(total, num_value_heads), h0,
         first, starts, lens, chunk_size=chunk_size, out_dtype=out_dtype, precision=precision,
         block_v=block_v, num_warps=num_warps, num_stages=num_stages,
-        num_warps_intra=num_warps_intra, interpret=interpret,
+        num_warps_intra=num_warps_intra, fuse_products=fuse_products, interpret=interpret,
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

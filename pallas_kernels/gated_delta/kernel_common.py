@@ -86,7 +86,36 @@ def split_bf16(x):
     return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
 
 
-def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None):
+def _interleave(x, y, axis: int):
+    """x, y [m, n] -> [2m, n] (axis 0) or [m, 2n] (axis 1), their rows (columns) alternating: the
+    Triton lowering's only joins are `tt.join` along a new last axis and reshapes."""
+    if axis == 1:
+        return jnp.stack([x, y], axis=-1).reshape(x.shape[0], 2 * x.shape[1])
+    return _interleave(x.T, y.T, 1).T
+
+
+def mm_fused(pairs, *, trans_a=False, trans_b=False, acc=None):
+    """sum_i a_i @ b_i over bf16 (a_i, b_i) pairs (2 or 4; same shapes) as ONE dot of depth
+    len(pairs) * K: the a_i interleaved along their contraction axis, the b_i alike, so element
+    t of the long axis pairs a_{t % n} with b_{t % n}. One dot is one tensor-core group and one wait
+    in Triton, where separate dots of a chain each wait for the last."""
+    if len(pairs) not in (2, 4):
+        raise ValueError(f"mm_fused takes 2 or 4 operand pairs, got {len(pairs)}")
+    a_axis, b_axis = (0 if trans_a else 1), (1 if trans_b else 0)
+
+    def tree(parts, axis):
+        if len(parts) == 2:
+            return _interleave(parts[0], parts[1], axis)
+        return _interleave(tree(parts[:2], axis), tree(parts[2:], axis), axis)
+
+    a = tree([p[0] for p in pairs], a_axis)
+    b = tree([p[1] for p in pairs], b_axis)
+    dims = (((a_axis,), (b_axis,)), ((), ()))
+    out = lax.dot_general(a, b, dims, preferred_element_type=F32)
+    return out if acc is None else out + acc
+
+
+def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None, fuse=False):
     """2-D matmul with fp32 accumulation: acc + (a^T if trans_a) @ (b^T if trans_b).
 
     Two bf16 operands multiply natively (bf16 x bf16 products are exact in fp32). Otherwise
@@ -112,6 +141,11 @@ def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None):
         return add(dot(a, b), acc)
     if precision == _SPLIT:
         a_parts, b_parts = split_bf16(a), split_bf16(b)
+        if fuse and len(a_parts) * len(b_parts) > 1:
+            # the same products in one dot (both operands split: lo*lo too, a 4th product that
+            # only adds accuracy, so the depth stays a power of two)
+            pairs = [(x, y) for x in a_parts for y in b_parts]
+            return mm_fused(pairs, trans_a=trans_a, trans_b=trans_b, acc=acc)
         # The small cross terms first, the large hi*hi product last (the same three products as
         # before `acc` existed, summed in another order: fp32 rounding differences only).
         if len(b_parts) > 1:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gated_delta import kernel_common as kc
 from pallas_kernels.gated_delta import (
     chunk_gated_delta_rule_pallas,
     default_implementation,
@@ -120,14 +121,44 @@ def test_chunked_interpret_matches_reference(t, chunk_size, with_state):
     _check(o, s, o_ref, s_ref, jnp.float32)
 
 
+@pytest.mark.parametrize("fuse_products", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_interpret_bf16x3(dtype):
-    # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here.
+def test_chunked_interpret_bf16x3(dtype, fuse_products):
+    # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here;
+    # fuse_products: the same products (plus lo*lo) as one dot each, so the same bound.
     (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
-                            precision="bf16x3", block_v=16)
+                            precision="bf16x3", block_v=16, fuse_products=fuse_products)
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("n_pairs", [2, 4])
+def test_mm_fused_is_the_sum_of_its_products(trans_a, trans_b, n_pairs):
+    """One dot over the interleaved operands equals the sum of the separate bf16 dots: each product
+    of two bf16 values is exact in fp32, so the two differ only in the order of fp32 additions over
+    a depth of n_pairs * 32 (relative ~1e-6 of the sum's magnitude; 1e-5 bounds it, while a
+    mispaired interleave mixes unrelated products and errs by O(1))."""
+    rng = np.random.default_rng(n_pairs)
+    shape_a, shape_b = ((32, 16) if trans_a else (16, 32)), ((64, 32) if trans_b else (32, 64))
+    pairs = [(jnp.asarray(rng.standard_normal(shape_a), jnp.bfloat16),
+              jnp.asarray(rng.standard_normal(shape_b), jnp.bfloat16)) for _ in range(n_pairs)]
+    acc = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    want = acc + sum(jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32) for a, b in pairs)
+    got = kc.mm_fused(pairs, trans_a=trans_a, trans_b=trans_b, acc=acc)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+    with pytest.raises(ValueError, match="2 or 4 operand pairs"):
+        kc.mm_fused(pairs[:1])
+
+
+def test_fuse_products_needs_bf16x3():
+    (q, k, v, g, beta), _ = _inputs(1, 1, 16, 1, 2, 16, 16)
+    with pytest.raises(ValueError, match="fuse_products needs precision 'bf16x3'"):
+        gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="tf32x3",
+                         block_v=16, fuse_products=True)
 
 
 def test_chunked_interpret_bf16_padded_dims():
