@@ -319,6 +319,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     num_seqs = first.shape[0] - 1
     bv = min(block_v, value_dim)
     has_h0 = h0 is not None
+    if fuse_products and precision != "bf16x3":
+        raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
     if len(x_parts) != len(p_parts):
         raise ValueError("X and P must both be float32 arrays or both (hi, lo) bf16 pairs")
@@ -396,8 +398,6 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
     """
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Pallas kernels, got {chunk_size}")
-    if fuse_products and precision != "bf16x3":
-        raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
     batch, seq_len, num_key_heads, key_dim = k.shape
     num_value_heads, value_dim = v.shape[-2:]
     out_dtype = jnp.dtype(v.dtype if out_dtype is None else out_dtype)
