@@ -190,8 +190,9 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
     --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
     bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
-    --piece-state: precision:block_v:num_warps[:num_stages[:fuse]] list (":fuse": the state pass with
-    fuse_products, each product's bf16 parts in one dot)."""
+    --piece-state: precision:block_v:num_warps[:num_stages[:fuse[=names]]] list (":fuse": the state
+    pass with fuse_products, each product's bf16 parts in one dot; "fuse=xv+pv": only those
+    products, kernel_chunked.FUSABLE_PRODUCTS names joined by +)."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
@@ -214,9 +215,13 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         return
     for spec in args.piece_state.split(","):
         prec, bv, nw, *st = spec.split(":")
-        fuse = st[1:] == ["fuse"]
-        if st[1:] not in ([], ["fuse"]):
-            raise SystemExit(f"--piece-state {spec!r}: the fifth field can only be 'fuse'")
+        fuse = False
+        if st[1:]:
+            name, _, which = st[1].partition("=")
+            if name != "fuse" or len(st) > 2:
+                raise SystemExit(f"--piece-state {spec!r}: the fifth field can only be 'fuse' or 'fuse=a+b'")
+            fuse = which.replace("+", ",") if which else True
+            kernel_chunked.fused_products(fuse)  # unknown names: an error before any GPU work
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
                                        num_warps=int(nw), num_stages=int(st[0]) if st else 2,
@@ -228,7 +233,8 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
             continue
         t = time_pipelined(sp, q2, k2, v2, g2, b2, x, p, None, first, starts, lens, reps=args.reps,
                            inner=args.inner)
-        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw}" + (" fused products" if fuse else "")
+        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw}" + (
+            f" fused products ({fuse if isinstance(fuse, str) else 'all'})" if fuse else "")
         rows.append({"case": case, "impl": label, "ms": t * 1e3})
         print(rows[-1], flush=True)
 

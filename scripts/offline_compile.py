@@ -133,8 +133,9 @@ def main(argv=None):
     g.add_argument("--num-warps", type=int, default=4)
     g.add_argument("--num-stages", type=int, default=2)
     g.add_argument("--num-warps-intra", type=int, default=1)
-    g.add_argument("--fuse-products", action="store_true",
-                   help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused)")
+    g.add_argument("--fuse-products", nargs="?", const=True, default=False,
+                   help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused); "
+                        "optionally only some products, e.g. xv,pv (kernel_chunked.FUSABLE_PRODUCTS)")
     for p in (q, g):
         p.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx files")
     args = ap.parse_args(argv)

@@ -162,7 +162,7 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
-                       has_initial_state, mat_parts, fuse=False):
+                       has_initial_state, mat_parts, fuse=frozenset()):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
@@ -216,15 +216,15 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
         # register-bound): e^gamma Q S goes in as the accumulator of P V', and the decayed state
         # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
-        ks = kc.mm(k, s, precision, fuse=fuse)  # [C, BV]
-        qs = kc.mm(q, s, precision, fuse=fuse)
+        ks = kc.mm(k, s, precision, fuse="ks" in fuse)  # [C, BV]
+        qs = kc.mm(q, s, precision, fuse="qs" in fuse)
         rhs = beta[:, None] * (v - decay_in * ks)
-        v_new = kc.mm(x, rhs, precision, fuse=fuse)
-        o = kc.mm(p, v_new, precision, acc=decay_in * qs, fuse=fuse)
+        v_new = kc.mm(x, rhs, precision, fuse="xv" in fuse)
+        o = kc.mm(p, v_new, precision, acc=decay_in * qs, fuse="pv" in fuse)
         kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
         return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s,
-                     fuse=fuse)
+                     fuse="update" in fuse)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s
@@ -306,12 +306,31 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
     return outs[0], outs[1]
 
 
+# The state pass's products (names for `fuse_products`): k S, q S, X V-rhs, P V', and the update K^T V'.
+FUSABLE_PRODUCTS = ("ks", "qs", "xv", "pv", "update")
+
+
+def fused_products(fuse_products) -> frozenset:
+    """The products named by `fuse_products`: True (all), False / None / "" (none), or a comma
+    string or sequence of FUSABLE_PRODUCTS names (the offline compile found different register
+    spills for each subset: NOTES.md run 7)."""
+    if fuse_products is True:
+        return frozenset(FUSABLE_PRODUCTS)
+    if not fuse_products:
+        return frozenset()
+    names = fuse_products.split(",") if isinstance(fuse_products, str) else list(fuse_products)
+    unknown = [n for n in names if n not in FUSABLE_PRODUCTS]
+    if unknown:
+        raise ValueError(f"fuse_products: unknown product(s) {unknown}; the state pass has {FUSABLE_PRODUCTS}")
+    return frozenset(names)
+
+
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
                interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
-    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): each product's bf16 parts
-    in one dot (`kernel_common.mm_fused`) instead of one dot per part.
+    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
+    parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -319,7 +338,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     num_seqs = first.shape[0] - 1
     bv = min(block_v, value_dim)
     has_h0 = h0 is not None
-    if fuse_products and precision != "bf16x3":
+    fuse = fused_products(fuse_products)
+    if fuse and precision != "bf16x3":
         raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
     if len(x_parts) != len(p_parts):
@@ -328,7 +348,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
-                          mat_parts=len(x_parts), fuse=fuse_products),
+                          mat_parts=len(x_parts), fuse=fuse),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -374,7 +394,7 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_seqlens=None,
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
-                                  num_warps_intra: int = 1, fuse_products: bool = False,
+                                  num_warps_intra: int = 1, fuse_products: bool | str = False,
                                   interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
@@ -390,8 +410,9 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         defaults (bf16x3, BV=64, 4 warps, 2 stages; 1 warp for the intra-chunk kernel) were the
         fastest measured on an H200 and again on an H100 (2026-12-06, B=1, T=4096: 0.534 ms in
         all, against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6).
-      fuse_products: state pass, bf16x3 only: the bf16 parts of each product in one dot of 2 or 4
-        times the depth (experimental, not yet timed on a GPU; NOTES.md run 7).
+      fuse_products: state pass, bf16x3 only: the bf16 parts of a product in one dot of 2 or 4
+        times the depth; True for every product, or a comma string of FUSABLE_PRODUCTS names
+        (experimental, not yet timed on a GPU; NOTES.md run 7).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -421,7 +442,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         qf, kf, vf, g.reshape(total, num_value_heads), beta.reshape(total, num_value_heads), h0,
         first, starts, lens, chunk_size=chunk_size, out_dtype=out_dtype, precision=precision,
         block_v=block_v, num_warps=num_warps, num_stages=num_stages,
-        num_warps_intra=num_warps_intra, fuse_products=fuse_products, interpret=interpret,
+        num_warps_intra=num_warps_intra, interpret=interpret,
+        fuse_products=",".join(sorted(fused_products(fuse_products))),  # hashable, validated
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

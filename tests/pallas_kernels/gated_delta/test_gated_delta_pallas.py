@@ -121,7 +121,7 @@ def test_chunked_interpret_matches_reference(t, chunk_size, with_state):
     _check(o, s, o_ref, s_ref, jnp.float32)
 
 
-@pytest.mark.parametrize("fuse_products", [False, True])
+@pytest.mark.parametrize("fuse_products", [False, True, "xv,update"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_chunked_interpret_bf16x3(dtype, fuse_products):
     # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here;
@@ -154,11 +154,14 @@ def test_mm_fused_is_the_sum_of_its_products(trans_a, trans_b, n_pairs):
         kc.mm_fused(pairs[:1])
 
 
-def test_fuse_products_needs_bf16x3():
+def test_fuse_products_errors():
     (q, k, v, g, beta), _ = _inputs(1, 1, 16, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="fuse_products needs precision 'bf16x3'"):
         gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="tf32x3",
                          block_v=16, fuse_products=True)
+    with pytest.raises(ValueError, match=r"unknown product\(s\) \['xs'\]"):
+        gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="bf16x3",
+                         block_v=16, fuse_products="ks,xs")
 
 
 def test_chunked_interpret_bf16_padded_dims():
