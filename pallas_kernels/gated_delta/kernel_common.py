@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.triton_ops import interleave
+
 try:  # the Triton-specific API moved between jax releases; guard both names
     from jax.experimental.pallas import triton as _plt
 except ImportError:  # pragma: no cover - very old jax
@@ -86,32 +88,24 @@ def split_bf16(x):
     return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
 
 
-def _interleave(x, y, axis: int):
-    """x, y [m, n] -> [2m, n] (axis 0) or [m, 2n] (axis 1), their rows (columns) alternating: the
-    Triton lowering's only joins are `tt.join` along a new last axis and reshapes."""
-    if axis == 1:
-        return jnp.stack([x, y], axis=-1).reshape(x.shape[0], 2 * x.shape[1])
-    return _interleave(x.T, y.T, 1).T
-
-
 def mm_fused(pairs, *, trans_a=False, trans_b=False, acc=None):
     """sum_i a_i @ b_i over bf16 (a_i, b_i) pairs (2 or 4; same shapes) as ONE dot of depth
-    len(pairs) * K: the a_i interleaved along their contraction axis, the b_i alike, so element
-    t of the long axis pairs a_{t % n} with b_{t % n}. One dot is one tensor-core group and one wait
-    in Triton, where separate dots of a chain each wait for the last."""
+    len(pairs) * K: the a_i interleaved along their contraction axis (`triton_ops.interleave`), the
+    b_i alike, so both long axes pair a_i with b_i at the same positions. One dot is one
+    tensor-core group and one wait in Triton, where separate dots of a chain each wait for the last."""
     if len(pairs) not in (2, 4):
         raise ValueError(f"mm_fused takes 2 or 4 operand pairs, got {len(pairs)}")
+    n = len(pairs)
+
+    def along(parts, axis):  # interleave 2-D parts along `axis` (the Triton join makes a last axis)
+        if axis == 1:
+            return interleave(parts).reshape(parts[0].shape[0], n * parts[0].shape[1])
+        return along([x.T for x in parts], 1).T
+
     a_axis, b_axis = (0 if trans_a else 1), (1 if trans_b else 0)
-
-    def tree(parts, axis):
-        if len(parts) == 2:
-            return _interleave(parts[0], parts[1], axis)
-        return _interleave(tree(parts[:2], axis), tree(parts[2:], axis), axis)
-
-    a = tree([p[0] for p in pairs], a_axis)
-    b = tree([p[1] for p in pairs], b_axis)
-    dims = (((a_axis,), (b_axis,)), ((), ()))
-    out = lax.dot_general(a, b, dims, preferred_element_type=F32)
+    a = along([p[0] for p in pairs], a_axis)
+    b = along([p[1] for p in pairs], b_axis)
+    out = lax.dot_general(a, b, (((a_axis,), (b_axis,)), ((), ())), preferred_element_type=F32)
     return out if acc is None else out + acc
 
 

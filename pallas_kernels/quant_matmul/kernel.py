@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.quant_matmul import layout
+from pallas_kernels.triton_ops import interleave
 
 try:  # the Triton-lowering helpers (masked load/store, compiler params); same module in 0.10-0.12
     from jax.experimental.pallas import triton as pltriton
@@ -587,17 +588,16 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
                     kt = j * s_rows + r0 + t
                     for i in range(m):
                         if xs_ref is not None:  # fp32, zero-padded: no convert, no mask
-                            parts[(i, j)] = (x_ref[i, kt] * f if parts[(i, j)] is None
-                                             else parts[(i, j)] + x_ref[i, kt] * f)
-                            continue
-                        if (j + 1) * s_rows <= k:
+                            xv = x_ref[i, kt]
+                        elif (j + 1) * s_rows <= k:
                             xv = x_ref[i, kt].astype(jnp.float32)
                         else:  # the slab that straddles K: rows >= K read 0
                             xv = jnp.where(kt < k, x_ref[i, jnp.minimum(kt, k - 1)], 0
                                            ).astype(jnp.float32)
                         key = (i, j)
                         parts[key] = xv * f if parts[key] is None else parts[key] + xv * f
-                        xsums[key] = xv if xsums[key] is None else xsums[key] + xv
+                        if xs_ref is None:  # else the sum comes precomputed, below
+                            xsums[key] = xv if xsums[key] is None else xsums[key] + xv
             for j in live_slabs:
                 _, kk, coef = top_terms(j, j * s_rows + r0)
                 for i in range(m):
@@ -694,7 +694,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
             # slabs of padding rows only: zero weights (x is zero there too)
             tiles = [slab_t(words, shifted, j, r0) if j in live_slabs else jnp.zeros((bn, r), cdt)
                      for j in range(p)]
-            w = _interleave(tiles).reshape(bn, p * r)  # column r * p + j <- tiles[j][:, r]
+            w = interleave(tiles).reshape(bn, p * r)  # column r * p + j <- tiles[j][:, r]
             xs = _load(x_ref, (pl.ds(m0, bm), pl.ds(r0 * p, p * r)), rows_ok)  # [bm, pR]
             return acc + jax.lax.dot(w, xs.astype(cdt).T, preferred_element_type=jnp.float32)
 
@@ -761,17 +761,6 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         _store(o_ref, (split, pl.ds(m0, bm), cols), acc, mask)
     else:
         _store(o_ref, (pl.ds(m0, bm), cols), acc.astype(o_ref.dtype), mask)
-
-
-def _interleave(tiles):
-    """p (a power of 2) arrays [..., R] -> [..., R, 2, ..., 2] (log2 p trailing axes of 2) whose
-    flattening puts tiles[j][..., r] at r * p + j. Built from two-way stacks on a new last axis
-    (the only stack the Triton lowering has): each level pairs the tiles whose indices differ in the
-    highest remaining bit, so the lowest bit of j ends up as the last axis."""
-    while len(tiles) > 1:
-        half = len(tiles) // 2
-        tiles = [jnp.stack([tiles[i], tiles[i + half]], axis=-1) for i in range(half)]
-    return tiles[0]
 
 
 def stacked_activations(x, *, bits: int, s_rows: int):
