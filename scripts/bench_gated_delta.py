@@ -19,8 +19,8 @@ fastest and the median process: fla's Triton autotuner picks its launch settings
 and its time moved between 0.469 and 0.726 ms at (1, 4096) in two processes on one H100, so one
 process is not a fair sample of it (nor of us).
 
-Implementations (--impls, comma list): ``pallas[:precision[:block_v[:num_warps[:num_stages[:chunk]]]]]``
-or ``chunked[:solve[:precision[:chunk_size[:scan_unroll]]]]`` or ``naive``. ``--pieces`` also times
+Implementations (--impls, comma list): ``pallas[:precision[:block_v[:num_warps[:num_stages[:chunk[:tr]]]]]]``
+(``tr``: the transposed state pass) or ``chunked[:solve[:precision[:chunk_size[:scan_unroll]]]]`` or ``naive``. ``--pieces`` also times
 the two Pallas kernels alone at the first prefill shape, in several launch settings.
 """
 
@@ -117,8 +117,12 @@ def parse_impl(spec):
     parts = spec.split(":")
     name, rest = parts[0], parts[1:] + [""] * 6
     if name == "pallas":
-        precision, block_v, num_warps, num_stages, chunk = rest[:5]
+        precision, block_v, num_warps, num_stages, chunk, flag = rest[:6]
         kw = {"implementation": "pallas", "precision": precision or "tf32x3"}
+        if flag not in ("", "tr"):
+            raise SystemExit(f"--impls {spec!r}: the seventh field can only be 'tr' (transposed state pass)")
+        if flag:
+            kw["transposed"] = True
         for key, val in (("block_v", block_v), ("num_warps", num_warps), ("num_stages", num_stages),
                          ("chunk_size", chunk)):
             if val:
@@ -190,9 +194,9 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
     --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
     bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
-    --piece-state: precision:block_v:num_warps[:num_stages[:fuse[=names]]] list (":fuse": the state
-    pass with fuse_products, each product's bf16 parts in one dot; "fuse=xv+pv": only those
-    products, kernel_chunked.FUSABLE_PRODUCTS names joined by +)."""
+    --piece-state: precision:block_v:num_warps[:num_stages[:fuse[=names]|:tr]] list (":fuse": the
+    state pass with fuse_products, each product's bf16 parts in one dot; "fuse=xv+pv": only those
+    products, kernel_chunked.FUSABLE_PRODUCTS names joined by +; ":tr": the transposed state pass)."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
@@ -215,17 +219,19 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         return
     for spec in args.piece_state.split(","):
         prec, bv, nw, *st = spec.split(":")
-        fuse = False
+        fuse = transposed = False
         if st[1:]:
             name, _, which = st[1].partition("=")
-            if name != "fuse" or len(st) > 2:
-                raise SystemExit(f"--piece-state {spec!r}: the fifth field can only be 'fuse' or 'fuse=a+b'")
-            fuse = which.replace("+", ",") if which else True
-            kernel_chunked.fused_products(fuse)  # unknown names: an error before any GPU work
+            if name not in ("fuse", "tr") or len(st) > 2 or (name == "tr" and which):
+                raise SystemExit(f"--piece-state {spec!r}: the fifth field can only be 'fuse', 'fuse=a+b' or 'tr'")
+            transposed = name == "tr"
+            if name == "fuse":
+                fuse = which.replace("+", ",") if which else True
+                kernel_chunked.fused_products(fuse)  # unknown names: an error before any GPU work
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
                                        num_warps=int(nw), num_stages=int(st[0]) if st else 2,
-                                       fuse_products=fuse))
+                                       fuse_products=fuse, transposed=transposed))
         try:
             jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens))
         except Exception as e:
@@ -234,7 +240,8 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         t = time_pipelined(sp, q2, k2, v2, g2, b2, x, p, None, first, starts, lens, reps=args.reps,
                            inner=args.inner)
         label = f"piece: state-pass kernel {prec} BV={bv} warps={nw}" + (
-            f" fused products ({fuse if isinstance(fuse, str) else 'all'})" if fuse else "")
+            f" fused products ({fuse if isinstance(fuse, str) else 'all'})" if fuse else "") + (
+            " transposed" if transposed else "")
         rows.append({"case": case, "impl": label, "ms": t * 1e3})
         print(rows[-1], flush=True)
 

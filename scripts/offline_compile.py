@@ -111,7 +111,8 @@ def gated_delta_kernels(args):
               sd((1, args.t, 48), jnp.bfloat16))
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
         q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
-        num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products)
+        num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,
+        transposed=args.transposed)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
             ("state_pass", state, args.num_warps, args.num_stages)]
@@ -136,6 +137,7 @@ def main(argv=None):
     g.add_argument("--fuse-products", nargs="?", const=True, default=False,
                    help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused); "
                         "optionally only some products, e.g. xv,pv (kernel_chunked.FUSABLE_PRODUCTS)")
+    g.add_argument("--transposed", action="store_true", help="state pass holding S^T (kernel_chunked)")
     for p in (q, g):
         p.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx files")
     args = ap.parse_args(argv)

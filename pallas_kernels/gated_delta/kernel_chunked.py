@@ -162,14 +162,26 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
-                       has_initial_state, mat_parts, fuse=frozenset()):
+                       has_initial_state, mat_parts, fuse=frozenset(), transposed=False):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
     q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`mat_parts` refs
     each: float32, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
     ht [S*Hv*K, V] float32.
+
+    `transposed`: the same products with the state held as S^T [BV, K] and every product written
+    with its register-resident factor (S^T, rhs^T, V'^T) on the left: the tensor cores take a
+    left operand from registers but a right one only from shared memory, so the loaded tiles
+    (k, q, X, P) go on the right as they were staged by the load pipeline, and no computed tile is
+    copied to shared memory before its dot (the untransposed body stages S, rhs and V' there).
     """
+    if transposed:
+        return _state_pass_transposed(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref,
+                                      beta_ref, *rest, chunk=chunk, num_value_heads=num_value_heads,
+                                      group=group, key_dim=key_dim, value_dim=value_dim,
+                                      block_v=block_v, precision=precision,
+                                      has_initial_state=has_initial_state, mat_parts=mat_parts)
     x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
     rest = rest[2 * mat_parts:]
     if has_initial_state:
@@ -228,6 +240,67 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s
+
+
+def _state_pass_transposed(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref,
+                           *rest, chunk, num_value_heads, group, key_dim, value_dim, block_v,
+                           precision, has_initial_state, mat_parts):
+    """`_state_pass_kernel` with the state transposed (its `transposed` option; same refs). In the
+    transposed quantities, per chunk (row vectors [1, C] of the per-token scalars):
+
+        (K S)^T = S^T K^T,  rhs^T = beta (V^T - e^gamma (K S)^T),  V'^T = rhs^T X^T,
+        O^T = e^gamma (S^T Q^T) + V'^T P^T,  S^T <- e^gamma_C S^T + (e^(gamma_C - gamma) V'^T) K
+    """
+    x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
+    rest = rest[2 * mat_parts:]
+    if has_initial_state:
+        h0_ref, o_ref, ht_ref = rest
+    else:
+        o_ref, ht_ref = rest
+    vb = pl.program_id(0)
+    sj = pl.program_id(1)
+    seq = sj // num_value_heads
+    j = sj % num_value_heads
+    h = j // group
+    state_rows = pl.ds(sj * key_dim, key_dim)
+    state_cols = pl.ds(vb * block_v, block_v)
+    if has_initial_state:
+        s0 = h0_ref[state_rows, state_cols].astype(F32).T
+    else:
+        s0 = jnp.zeros((block_v, key_dim), F32)
+    ids = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    v_cols = pl.ds(j * value_dim + vb * block_v, block_v)
+    k_cols = pl.ds(h * key_dim, key_dim)
+
+    def body(c, s_t):
+        start = starts_ref[c]
+        length = lens_ref[c]
+        rows = pl.ds(start, chunk)
+        valid = ids < length
+        valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
+        valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
+        k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)  # [C, K]
+        q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
+        v_t = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32).T  # [BV, C]
+        g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
+        beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
+        mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
+        x = x_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
+        p = p_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
+        gamma = jnp.cumsum(g)
+        gamma_end = jnp.sum(g)
+        decay_in = jnp.exp(gamma)[None, :]  # [1, C]
+        decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[None, :]
+        ks_t = kc.mm(s_t, k, precision, trans_b=True)  # [BV, C]
+        qs_t = kc.mm(s_t, q, precision, trans_b=True)
+        rhs_t = beta[None, :] * (v_t - decay_in * ks_t)
+        v_new_t = kc.mm(rhs_t, x, precision, trans_b=True)
+        o_t = kc.mm(v_new_t, p, precision, trans_b=True, acc=decay_in * qs_t)
+        kc.store(o_ref.at[rows, v_cols], o_t.T.astype(o_ref.dtype), mask=valid_v)
+        return kc.mm(decay_out * v_new_t, k, precision, acc=jnp.exp(gamma_end) * s_t)  # [BV, K]
+
+    s_t = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
+    ht_ref[state_rows, state_cols] = s_t.T
 
 
 def concrete_offsets(cu_seqlens):
@@ -327,10 +400,11 @@ def fused_products(fuse_products) -> frozenset:
 
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
-               interpret=False):
+               transposed=False, interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
     v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
     parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
+    `transposed`: the body that holds S^T (see `_state_pass_kernel`); the same results.
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -339,6 +413,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     bv = min(block_v, value_dim)
     has_h0 = h0 is not None
     fuse = fused_products(fuse_products)
+    if fuse and transposed:
+        raise ValueError("fuse_products and transposed do not combine (the transposed body has no fused products)")
     if fuse and precision != "bf16x3":
         raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
@@ -348,7 +424,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
-                          mat_parts=len(x_parts), fuse=fuse),
+                          mat_parts=len(x_parts), fuse=fuse, transposed=transposed),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -363,11 +439,11 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
 @functools.partial(
     jax.jit,
     static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
-                     "num_warps_intra", "fuse_products", "interpret"),
+                     "num_warps_intra", "fuse_products", "transposed", "interpret"),
 )
 def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
-                              interpret, fuse_products=False):
+                              interpret, fuse_products=False, transposed=False):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
     initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
@@ -386,7 +462,7 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
     o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, starts, lens, chunk_size=chunk_size,
                         group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
                         num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
-                        interpret=interpret)
+                        transposed=transposed, interpret=interpret)
     return (o2.reshape(total, num_value_heads, value_dim),
             ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
 
@@ -395,7 +471,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                                   num_warps_intra: int = 1, fuse_products: bool | str = False,
-                                  interpret: bool = False):
+                                  transposed: bool = False, interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -413,6 +489,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       fuse_products: state pass, bf16x3 only: the bf16 parts of a product in one dot of 2 or 4
         times the depth; True for every product, or a comma string of FUSABLE_PRODUCTS names
         (experimental, not yet timed on a GPU; NOTES.md run 7).
+      transposed: state pass with S^T held, so that no computed tile is staged in shared memory
+        before a dot (experimental; NOTES.md run 8).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -444,6 +522,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         block_v=block_v, num_warps=num_warps, num_stages=num_stages,
         num_warps_intra=num_warps_intra, interpret=interpret,
         fuse_products=",".join(sorted(fused_products(fuse_products))),  # hashable, validated
+        transposed=bool(transposed),
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

@@ -121,15 +121,18 @@ def test_chunked_interpret_matches_reference(t, chunk_size, with_state):
     _check(o, s, o_ref, s_ref, jnp.float32)
 
 
-@pytest.mark.parametrize("fuse_products", [False, True, "xv,update"])
+@pytest.mark.parametrize("fuse_products, transposed", [(False, False), (True, False), ("xv,update", False),
+                                                       (False, True)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_interpret_bf16x3(dtype, fuse_products):
+def test_chunked_interpret_bf16x3(dtype, fuse_products, transposed):
     # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here;
-    # fuse_products: the same products (plus lo*lo) as one dot each, so the same bound.
+    # fuse_products: the same products (plus lo*lo) as one dot each, so the same bound; transposed:
+    # the same products on transposed operands (S^T held), the same bound.
     (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
-                            precision="bf16x3", block_v=16, fuse_products=fuse_products)
+                            precision="bf16x3", block_v=16, fuse_products=fuse_products,
+                            transposed=transposed)
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
 
 
@@ -162,6 +165,9 @@ def test_fuse_products_errors():
     with pytest.raises(ValueError, match=r"unknown product\(s\) \['xs'\]"):
         gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="bf16x3",
                          block_v=16, fuse_products="ks,xs")
+    with pytest.raises(ValueError, match="fuse_products and transposed do not combine"):
+        gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="bf16x3",
+                         block_v=16, fuse_products=True, transposed=True)
 
 
 def test_chunked_interpret_bf16_padded_dims():
@@ -288,7 +294,7 @@ def test_kernels_lower_to_triton_at_27b_shapes(precision):
 
 # ---- GPU: the compiled Triton kernels ------------------------------------------------------------
 
-_pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision"))
+_pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision", "transposed"))
 
 
 # Each case compiles the two kernels afresh (seconds each), so the grid is sparse: every T, both
@@ -297,13 +303,17 @@ _pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_si
 @pytest.mark.parametrize("t, dtype, with_state, precision", [
     (1, jnp.float32, True, "bf16x3"), (63, jnp.bfloat16, True, "bf16x3"), (65, jnp.float32, False, "bf16x3"),
     (1000, jnp.bfloat16, True, "bf16x3"), (1000, jnp.float32, True, "bf16x3"), (1000, jnp.bfloat16, True, "tf32x3"),
-    (1000, jnp.float32, False, "tf32x3"),
+    (1000, jnp.float32, False, "tf32x3"), (65, jnp.bfloat16, True, "bf16x3-tr"),
+    (1000, jnp.float32, True, "bf16x3-tr"),
 ])
 def test_gpu_chunked_matches_reference(t, dtype, with_state, precision):
+    # "-tr": the transposed state pass (kernel_chunked.state_pass(transposed=True))
     (q, k, v, g, beta), state = _inputs(t + 7, 2, t, 2, 6, 128, 128, dtype=dtype)
     state = state if with_state else None
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
-    o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision=precision)
+    precision, _, tr = precision.partition("-")
+    o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision=precision,
+                   transposed=tr == "tr")
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=GPU_FP32_TOL)
 
 
