@@ -171,17 +171,11 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     ht [S*Hv*K, V] float32.
 
     `transposed`: the same products with the state held as S^T [BV, K] and every product written
-    with its register-resident factor (S^T, rhs^T, V'^T) on the left: the tensor cores take a
-    left operand from registers but a right one only from shared memory, so the loaded tiles
-    (k, q, X, P) go on the right as they were staged by the load pipeline, and no computed tile is
-    copied to shared memory before its dot (the untransposed body stages S, rhs and V' there).
+    with its register-resident factor (S^T, rhs^T, V'^T) on the left (`_transposed_step`): the
+    tensor cores take a left operand from registers but a right one only from shared memory, so
+    the loaded tiles (k, q, X, P) go on the right as the load pipeline staged them and no computed
+    tile is copied to shared memory before its dot. Measured slower (NOTES.md run 8).
     """
-    if transposed:
-        return _state_pass_transposed(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref,
-                                      beta_ref, *rest, chunk=chunk, num_value_heads=num_value_heads,
-                                      group=group, key_dim=key_dim, value_dim=value_dim,
-                                      block_v=block_v, precision=precision,
-                                      has_initial_state=has_initial_state, mat_parts=mat_parts)
     x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
     rest = rest[2 * mat_parts:]
     if has_initial_state:
@@ -205,24 +199,40 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     v_cols = pl.ds(j * value_dim + vb * block_v, block_v)
     k_cols = pl.ds(h * key_dim, key_dim)
 
-    def body(c, s):
+    def chunk_inputs(c):
+        """Chunk slot c: k, q [C, K]; v [C, BV] fp32; X, P [C, C] (fp32 or (hi, lo) bf16); gamma
+        (in-chunk prefix sums of g), gamma_end; beta [C]; the store of o [C, BV]."""
         start = starts_ref[c]
         length = lens_ref[c]
         rows = pl.ds(start, chunk)
         valid = ids < length
         valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
         valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
-        k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)  # [C, K]
+        k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)
         q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
-        v = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32)  # [C, BV]
+        v = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32)
         g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
         beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
         mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
         # [C, C]: an fp32 tile, or the (hi, lo) bf16 parts, which go to the dots as loaded
         x = x_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
         p = p_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
-        gamma = jnp.cumsum(g)
-        gamma_end = jnp.sum(g)  # gamma of the last token (padded tokens have g = 0)
+
+        def store_o(o):
+            kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
+
+        # gamma_end: gamma of the last token (padded tokens have g = 0)
+        return k, q, v, x, p, jnp.cumsum(g), jnp.sum(g), beta, store_o
+
+    if transposed:
+        step = functools.partial(_transposed_step, precision=precision)
+        s = lax.fori_loop(first_ref[seq], first_ref[seq + 1],
+                          lambda c, s_t: step(*chunk_inputs(c), s_t), s0.T).T
+        ht_ref[state_rows, state_cols] = s
+        return
+
+    def body(c, s):
+        k, q, v, x, p, gamma, gamma_end, beta, store_o = chunk_inputs(c)
         decay_in = jnp.exp(gamma)[:, None]  # chunk start -> token i
         decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[:, None]  # token i -> chunk end
         # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
@@ -232,8 +242,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         qs = kc.mm(q, s, precision, fuse="qs" in fuse)
         rhs = beta[:, None] * (v - decay_in * ks)
         v_new = kc.mm(x, rhs, precision, fuse="xv" in fuse)
-        o = kc.mm(p, v_new, precision, acc=decay_in * qs, fuse="pv" in fuse)
-        kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
+        store_o(kc.mm(p, v_new, precision, acc=decay_in * qs, fuse="pv" in fuse))
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
         return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s,
                      fuse="update" in fuse)
@@ -242,65 +251,21 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     ht_ref[state_rows, state_cols] = s
 
 
-def _state_pass_transposed(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref,
-                           *rest, chunk, num_value_heads, group, key_dim, value_dim, block_v,
-                           precision, has_initial_state, mat_parts):
-    """`_state_pass_kernel` with the state transposed (its `transposed` option; same refs). In the
-    transposed quantities, per chunk (row vectors [1, C] of the per-token scalars):
+def _transposed_step(k, q, v, x, p, gamma, gamma_end, beta, store_o, s_t, *, precision):
+    """One chunk of the state pass on S^T [BV, K] (its `transposed` option). Per-token scalars are
+    row vectors [1, C]:
 
         (K S)^T = S^T K^T,  rhs^T = beta (V^T - e^gamma (K S)^T),  V'^T = rhs^T X^T,
         O^T = e^gamma (S^T Q^T) + V'^T P^T,  S^T <- e^gamma_C S^T + (e^(gamma_C - gamma) V'^T) K
     """
-    x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
-    rest = rest[2 * mat_parts:]
-    if has_initial_state:
-        h0_ref, o_ref, ht_ref = rest
-    else:
-        o_ref, ht_ref = rest
-    vb = pl.program_id(0)
-    sj = pl.program_id(1)
-    seq = sj // num_value_heads
-    j = sj % num_value_heads
-    h = j // group
-    state_rows = pl.ds(sj * key_dim, key_dim)
-    state_cols = pl.ds(vb * block_v, block_v)
-    if has_initial_state:
-        s0 = h0_ref[state_rows, state_cols].astype(F32).T
-    else:
-        s0 = jnp.zeros((block_v, key_dim), F32)
-    ids = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-    v_cols = pl.ds(j * value_dim + vb * block_v, block_v)
-    k_cols = pl.ds(h * key_dim, key_dim)
-
-    def body(c, s_t):
-        start = starts_ref[c]
-        length = lens_ref[c]
-        rows = pl.ds(start, chunk)
-        valid = ids < length
-        valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
-        valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
-        k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)  # [C, K]
-        q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
-        v_t = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32).T  # [BV, C]
-        g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
-        beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
-        mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
-        x = x_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
-        p = p_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
-        gamma = jnp.cumsum(g)
-        gamma_end = jnp.sum(g)
-        decay_in = jnp.exp(gamma)[None, :]  # [1, C]
-        decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[None, :]
-        ks_t = kc.mm(s_t, k, precision, trans_b=True)  # [BV, C]
-        qs_t = kc.mm(s_t, q, precision, trans_b=True)
-        rhs_t = beta[None, :] * (v_t - decay_in * ks_t)
-        v_new_t = kc.mm(rhs_t, x, precision, trans_b=True)
-        o_t = kc.mm(v_new_t, p, precision, trans_b=True, acc=decay_in * qs_t)
-        kc.store(o_ref.at[rows, v_cols], o_t.T.astype(o_ref.dtype), mask=valid_v)
-        return kc.mm(decay_out * v_new_t, k, precision, acc=jnp.exp(gamma_end) * s_t)  # [BV, K]
-
-    s_t = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
-    ht_ref[state_rows, state_cols] = s_t.T
+    decay_in = jnp.exp(gamma)[None, :]
+    decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[None, :]
+    ks_t = kc.mm(s_t, k, precision, trans_b=True)  # [BV, C]
+    qs_t = kc.mm(s_t, q, precision, trans_b=True)
+    rhs_t = beta[None, :] * (v.T - decay_in * ks_t)
+    v_new_t = kc.mm(rhs_t, x, precision, trans_b=True)
+    store_o(kc.mm(v_new_t, p, precision, trans_b=True, acc=decay_in * qs_t).T)
+    return kc.mm(decay_out * v_new_t, k, precision, acc=jnp.exp(gamma_end) * s_t)  # [BV, K]
 
 
 def concrete_offsets(cu_seqlens):
