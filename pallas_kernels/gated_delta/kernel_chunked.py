@@ -453,9 +453,10 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         all, against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6).
       fuse_products: state pass, bf16x3 only: the bf16 parts of a product in one dot of 2 or 4
         times the depth; True for every product, or a comma string of FUSABLE_PRODUCTS names
-        (experimental, not yet timed on a GPU; NOTES.md run 7).
+        (experimental: 1.6-2.2x slower as a piece on an H200, from register spills; NOTES.md
+        runs 7 and 8).
       transposed: state pass with S^T held, so that no computed tile is staged in shared memory
-        before a dot (experimental; NOTES.md run 8).
+        before a dot (experimental: 1.3x slower as a piece on an H200; NOTES.md run 8).
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
