@@ -239,7 +239,7 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
             continue
         t = time_pipelined(sp, q2, k2, v2, g2, b2, x, p, None, first, starts, lens, reps=args.reps,
                            inner=args.inner)
-        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw}" + (
+        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw} stages={st[0] if st else 2}" + (
             f" fused products ({fuse if isinstance(fuse, str) else 'all'})" if fuse else "") + (
             " transposed" if transposed else "")
         rows.append({"case": case, "impl": label, "ms": t * 1e3})
