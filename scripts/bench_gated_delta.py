@@ -19,9 +19,15 @@ fastest and the median process: fla's Triton autotuner picks its launch settings
 and its time moved between 0.469 and 0.726 ms at (1, 4096) in two processes on one H100, so one
 process is not a fair sample of it (nor of us).
 
-Implementations (--impls, comma list): ``pallas[:precision[:block_v[:num_warps[:num_stages[:chunk[:tr]]]]]]``
-(``tr``: the transposed state pass) or ``chunked[:solve[:precision[:chunk_size[:scan_unroll]]]]`` or ``naive``. ``--pieces`` also times
+Implementations (--impls, comma list): ``pallas[:precision[:block_v[:num_warps[:num_stages[:chunk[:flags]]]]]]``
+or ``chunked[:solve[:precision[:chunk_size[:scan_unroll]]]]`` or ``naive``. ``--pieces`` also times
 the two Pallas kernels alone at the first prefill shape, in several launch settings.
+
+State-pass flags (the last field of a pallas impl or a --piece-state spec), joined by ``/``: ``tr``
+(the transposed state pass), ``stack`` (K S and Q S as one dot of the stacked [k; q] rows,
+``stack_qk``), ``fuse`` or ``fuse=xv+pv`` (``fuse_products``: all products or those named, by
+kernel_chunked.FUSABLE_PRODUCTS names joined by ``+``), ``wide`` or ``wide=xv+pv+update``
+(``wide_products``, the same names). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
 """
 
 from __future__ import annotations
@@ -112,17 +118,31 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def parse_state_flags(text, where):
+    """'tr/stack/fuse=xv+pv/wide=...' -> state-pass keyword arguments (validated names)."""
+    kw = {}
+    for flag in filter(None, text.split("/")):
+        name, eq, which = flag.partition("=")
+        names = which.replace("+", ",") if eq else True
+        if name in ("tr", "stack") and not eq:
+            kw["transposed" if name == "tr" else "stack_qk"] = True
+        elif name in ("fuse", "wide") and (names is True or which):
+            option = "fuse_products" if name == "fuse" else "wide_products"
+            kernel_chunked.product_names(names, option)  # unknown names: an error before any GPU work
+            kw[option] = names
+        else:
+            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b])")
+    return kw
+
+
 def parse_impl(spec):
     """-> (label, kwargs for gated_delta_rule, scan_unroll)."""
     parts = spec.split(":")
     name, rest = parts[0], parts[1:] + [""] * 6
     if name == "pallas":
-        precision, block_v, num_warps, num_stages, chunk, flag = rest[:6]
+        precision, block_v, num_warps, num_stages, chunk, flags = rest[:6]
         kw = {"implementation": "pallas", "precision": precision or "tf32x3"}
-        if flag not in ("", "tr"):
-            raise SystemExit(f"--impls {spec!r}: the seventh field can only be 'tr' (transposed state pass)")
-        if flag:
-            kw["transposed"] = True
+        kw.update(parse_state_flags(flags, f"--impls {spec!r}"))
         for key, val in (("block_v", block_v), ("num_warps", num_warps), ("num_stages", num_stages),
                          ("chunk_size", chunk)):
             if val:
@@ -194,9 +214,9 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
     --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
     bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
-    --piece-state: precision:block_v:num_warps[:num_stages[:fuse[=names]|:tr]] list (":fuse": the
-    state pass with fuse_products, each product's bf16 parts in one dot; "fuse=xv+pv": only those
-    products, kernel_chunked.FUSABLE_PRODUCTS names joined by +; ":tr": the transposed state pass)."""
+    --piece-state: precision:block_v:num_warps[:num_stages[:flags]] list (flags as in --impls:
+    tr, stack, fuse[=a+b], wide[=a+b], joined by /; with "stack" the intra kernel's stacked [k; q]
+    rows come from one untimed extra call of it)."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
@@ -217,31 +237,32 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         print(rows[-1], flush=True)
     if x is None:
         return
+    kq = None
     for spec in args.piece_state.split(","):
         prec, bv, nw, *st = spec.split(":")
-        fuse = transposed = False
-        if st[1:]:
-            name, _, which = st[1].partition("=")
-            if name not in ("fuse", "tr") or len(st) > 2 or (name == "tr" and which):
-                raise SystemExit(f"--piece-state {spec!r}: the fifth field can only be 'fuse', 'fuse=a+b' or 'tr'")
-            transposed = name == "tr"
-            if name == "fuse":
-                fuse = which.replace("+", ",") if which else True
-                kernel_chunked.fused_products(fuse)  # unknown names: an error before any GPU work
+        if len(st) > 2:
+            raise SystemExit(f"--piece-state {spec!r}: at most five fields")
+        kw = parse_state_flags(st[1] if st[1:] else "", f"--piece-state {spec!r}")
+        if kw.pop("stack_qk", False):
+            if kq is None:
+                kq = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
+                                               precision=prec, num_warps=1, stack_qk=True))(
+                    q2, k2, g2, b2, starts, lens)[2]
+            kw["kq"] = kq
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
-                                       num_warps=int(nw), num_stages=int(st[0]) if st else 2,
-                                       fuse_products=fuse, transposed=transposed))
+                                       num_warps=int(nw), num_stages=int(st[0]) if st and st[0] else 2,
+                                       **{key: val for key, val in kw.items() if key != "kq"}))
+        stacked = kw.get("kq")
         try:
-            jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens))
+            jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens, kq=stacked))
         except Exception as e:
             print(f"state pass {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
-        t = time_pipelined(sp, q2, k2, v2, g2, b2, x, p, None, first, starts, lens, reps=args.reps,
-                           inner=args.inner)
-        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw} stages={st[0] if st else 2}" + (
-            f" fused products ({fuse if isinstance(fuse, str) else 'all'})" if fuse else "") + (
-            " transposed" if transposed else "")
+        t = time_pipelined(functools.partial(sp, kq=stacked), q2, k2, v2, g2, b2, x, p, None, first,
+                           starts, lens, reps=args.reps, inner=args.inner)
+        label = f"piece: state-pass kernel {prec} BV={bv} warps={nw} stages={st[0] if st and st[0] else 2}" + (
+            f" [{st[1]}]" if st[1:] and st[1] else "")
         rows.append({"case": case, "impl": label, "ms": t * 1e3})
         print(rows[-1], flush=True)
 

@@ -12,6 +12,7 @@ figures are indicative, not the GPU's exact build).
     python scripts/offline_compile.py quant gemm_s_128x128_r16_w8_st3 --m 512
     python scripts/offline_compile.py quant row_r16_bn128_w1_pf_t16 --m 1
     python scripts/offline_compile.py gated-delta --block-v 64 --num-warps 4 --num-stages 2
+    python scripts/offline_compile.py gated-delta --stack-qk --wide-products xv,pv,update
 
 Writes the .ttir / .ttgir / .ptx of each kernel under ``--out`` (default a temporary folder).
 """
@@ -112,7 +113,7 @@ def gated_delta_kernels(args):
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
         q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
         num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,
-        transposed=args.transposed)
+        transposed=args.transposed, wide_products=args.wide_products, stack_qk=args.stack_qk)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
             ("state_pass", state, args.num_warps, args.num_stages)]
@@ -138,6 +139,11 @@ def main(argv=None):
                    help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused); "
                         "optionally only some products, e.g. xv,pv (kernel_chunked.FUSABLE_PRODUCTS)")
     g.add_argument("--transposed", action="store_true", help="state pass holding S^T (kernel_chunked)")
+    g.add_argument("--wide-products", nargs="?", const=True, default=False,
+                   help="state pass: the right operand's bf16 parts side by side along N "
+                        "(kernel_common.mm_wide); optionally only some products, e.g. xv,pv,update")
+    g.add_argument("--stack-qk", action="store_true",
+                   help="K S and Q S as one dot of the stacked [k; q] rows (intra kernel writes them)")
     for p in (q, g):
         p.add_argument("--out", default=None, help="folder for the .ttir/.ttgir/.ptx files")
     args = ap.parse_args(argv)

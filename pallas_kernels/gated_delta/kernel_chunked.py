@@ -74,7 +74,7 @@ def _unit_lower_inverse(a):
 
 
 def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *out_refs,
-                        chunk, num_value_heads, group, key_dim, precision):
+                        chunk, num_value_heads, group, key_dim, precision, stack_qk=False):
     """X = (I + A)^-1 and P of chunk slot c, value head j (see the module docstring).
 
     Refs: starts, lens [N] int32 (first token, token count of each chunk slot); q, k [Ttot, Hk*K];
@@ -84,6 +84,10 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
     Works one 16-row block a at a time (block forward substitution by rows), loading k/q blocks
     when needed and storing each finished block at once, so few tiles are live in registers.
+
+    `stack_qk`: a last output KQ [N*2C, Hk*K] gets this chunk's k rows then its q rows (zeros past
+    the chunk's end), written by the first value head of each key head, for the state pass's
+    stacked dot (`state_pass(kq=...)`).
     """
     # Value heads vary fastest in the launch order, so the G heads that share a key head (and its
     # q, k loads) run side by side.
@@ -118,6 +122,15 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
     rows2, cols2 = _iota2(_BLOCK)
     base = (c * num_value_heads + j) * chunk
     zeros = jnp.zeros((_BLOCK, _BLOCK), F32)
+
+    if stack_qk:
+        kq_ref, out_refs = out_refs[-1], out_refs[:-1]
+
+        @pl.when(j % group == 0)
+        def _():  # its own loads (L1 hits after the first), so no k/q block stays live past here
+            for a in range(nb):
+                kq_ref[pl.ds(c * 2 * chunk + a * _BLOCK, _BLOCK), feature_cols] = load_qk(k_ref, a)
+                kq_ref[pl.ds((c * 2 + 1) * chunk + a * _BLOCK, _BLOCK), feature_cols] = load_qk(q_ref, a)
 
     half = len(out_refs) // 2
     x_ref, p_ref = out_refs[:half], out_refs[half:]
@@ -162,7 +175,8 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
-                       has_initial_state, mat_parts, fuse=frozenset(), transposed=False):
+                       has_initial_state, mat_parts, fuse=frozenset(), transposed=False,
+                       wide=frozenset(), stacked=False):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
@@ -175,7 +189,13 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     tensor cores take a left operand from registers but a right one only from shared memory, so
     the loaded tiles (k, q, X, P) go on the right as the load pipeline staged them and no computed
     tile is copied to shared memory before its dot. Measured slower (NOTES.md run 8).
+
+    `stacked`: a KQ ref [N*2C, Hk*K] (`intra_chunk(stack_qk=True)`) follows beta: K S and Q S
+    are one dot of M = 2C per bf16 part of S. `wide`: the products (of WIDE_PRODUCTS) computed by
+    `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
     """
+    if stacked:
+        kq_ref, rest = rest[0], rest[1:]
     x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
     rest = rest[2 * mat_parts:]
     if has_initial_state:
@@ -200,7 +220,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     k_cols = pl.ds(h * key_dim, key_dim)
 
     def chunk_inputs(c):
-        """Chunk slot c: k, q [C, K]; v [C, BV] fp32; X, P [C, C] (fp32 or (hi, lo) bf16); gamma
+        """Chunk slot c: k [C, K], q [C, K] (stacked: [k; q], [2C, K]); v [C, BV] fp32; X, P [C, C] (fp32 or (hi, lo) bf16); gamma
         (in-chunk prefix sums of g), gamma_end; beta [C]; the store of o [C, BV]."""
         start = starts_ref[c]
         length = lens_ref[c]
@@ -209,7 +229,10 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
         valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
         k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)
-        q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
+        if stacked:  # [2C, K]: k rows then q rows, already zero past the chunk's end
+            q = kc.load(kq_ref.at[pl.ds(c * 2 * chunk, 2 * chunk), k_cols])
+        else:
+            q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
         v = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32)
         g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
         beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
@@ -238,14 +261,21 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
         # register-bound): e^gamma Q S goes in as the accumulator of P V', and the decayed state
         # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
-        ks = kc.mm(k, s, precision, fuse="ks" in fuse)  # [C, BV]
-        qs = kc.mm(q, s, precision, fuse="qs" in fuse)
+        def product(name, a, b, **kw):
+            if name in wide:
+                return kc.mm_wide(a, b, **kw)
+            return kc.mm(a, b, precision, fuse=name in fuse, **kw)
+
+        if stacked:  # one dot of [k; q] per part of S, its halves split apart in registers
+            ks, qs = jnp.split(product("ks", q, s), 2, axis=0)
+        else:
+            ks = product("ks", k, s)  # [C, BV]
+            qs = product("qs", q, s)
         rhs = beta[:, None] * (v - decay_in * ks)
-        v_new = kc.mm(x, rhs, precision, fuse="xv" in fuse)
-        store_o(kc.mm(p, v_new, precision, acc=decay_in * qs, fuse="pv" in fuse))
+        v_new = product("xv", x, rhs)
+        store_o(product("pv", p, v_new, acc=decay_in * qs))
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
-        return kc.mm(k, decay_out * v_new, precision, trans_a=True, acc=jnp.exp(gamma_end) * s,
-                     fuse="update" in fuse)
+        return product("update", k, decay_out * v_new, trans_a=True, acc=jnp.exp(gamma_end) * s)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s
@@ -314,12 +344,14 @@ def chunk_table(cu_seqlens, total_tokens: int, chunk: int):
 
 
 def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision="tf32x3",
-                num_warps=4, split=None, interpret=False):
+                num_warps=4, split=None, stack_qk=False, interpret=False):
     """Kernel 1 on packed 2-D views: q2, k2 [Ttot, Hk*K]; g2, beta2 [Ttot, Hv]; chunk table
     starts, lens [N]. Returns (X, P), each [N*Hv*C, C] float32, or with `split` (default: precision
     "bf16x3") each a (hi, lo) pair of bf16 arrays: the same 4 bytes per entry, and the state pass
     then feeds its dots the tiles as loaded (shared-memory operands), with no fp32 tile and no
-    split in its registers (at BV=64 that removed its register spills: 320 -> 20 bytes)."""
+    split in its registers (at BV=64 that removed its register spills: 320 -> 20 bytes).
+    `stack_qk`: also returns KQ [N*2C, Hk*K] (each chunk's k rows then its q rows, in q2's dtype)
+    as a third value, for `state_pass(kq=...)`."""
     num_value_heads = g2.shape[1]
     key_dim = q2.shape[1] * group // num_value_heads
     num_slots = starts.shape[0]
@@ -331,45 +363,58 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
            else (jax.ShapeDtypeStruct((rows, chunk_size), F32),))
     outs = pl.pallas_call(
         functools.partial(_intra_chunk_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
-                          group=group, key_dim=key_dim,
+                          group=group, key_dim=key_dim, stack_qk=stack_qk,
                           precision=kc.dot_precision(precision, interpret)),
-        out_shape=mat + mat,
+        out_shape=mat + mat + ((jax.ShapeDtypeStruct((num_slots * 2 * chunk_size, q2.shape[1]), q2.dtype),)
+                               if stack_qk else ()),
         grid=(num_value_heads, num_slots),
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="gated_delta_intra_chunk",
     )(starts, lens, q2, k2, g2, beta2)
+    kq = outs[-1:] if stack_qk else ()
+    outs = outs[:-1] if stack_qk else outs
     if split:
-        return tuple(outs[:2]), tuple(outs[2:])
-    return outs[0], outs[1]
+        return (tuple(outs[:2]), tuple(outs[2:])) + kq
+    return (outs[0], outs[1]) + kq
 
 
-# The state pass's products (names for `fuse_products`): k S, q S, X V-rhs, P V', and the update K^T V'.
+# The state pass's products (names for `fuse_products` and `wide_products`): k S, q S, X V-rhs,
+# P V', and the update K^T V'.
 FUSABLE_PRODUCTS = ("ks", "qs", "xv", "pv", "update")
+WIDE_PRODUCTS = FUSABLE_PRODUCTS
+
+
+def product_names(spec, option: str = "fuse_products") -> frozenset:
+    """The products named by a `fuse_products` / `wide_products` value: True (all), False / None /
+    "" (none), or a comma string or sequence of FUSABLE_PRODUCTS names (the offline compile found
+    different register spills for each subset: NOTES.md runs 7 and 9)."""
+    if spec is True:
+        return frozenset(FUSABLE_PRODUCTS)
+    if not spec:
+        return frozenset()
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    unknown = [n for n in names if n not in FUSABLE_PRODUCTS]
+    if unknown:
+        raise ValueError(f"{option}: unknown product(s) {unknown}; the state pass has {FUSABLE_PRODUCTS}")
+    return frozenset(names)
 
 
 def fused_products(fuse_products) -> frozenset:
-    """The products named by `fuse_products`: True (all), False / None / "" (none), or a comma
-    string or sequence of FUSABLE_PRODUCTS names (the offline compile found different register
-    spills for each subset: NOTES.md run 7)."""
-    if fuse_products is True:
-        return frozenset(FUSABLE_PRODUCTS)
-    if not fuse_products:
-        return frozenset()
-    names = fuse_products.split(",") if isinstance(fuse_products, str) else list(fuse_products)
-    unknown = [n for n in names if n not in FUSABLE_PRODUCTS]
-    if unknown:
-        raise ValueError(f"fuse_products: unknown product(s) {unknown}; the state pass has {FUSABLE_PRODUCTS}")
-    return frozenset(names)
+    """`product_names` of a `fuse_products` value."""
+    return product_names(fuse_products, "fuse_products")
 
 
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
-               transposed=False, interpret=False):
+               transposed=False, wide_products=False, kq=None, interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
     v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
     parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
     `transposed`: the body that holds S^T (see `_state_pass_kernel`); the same results.
+    `wide_products` (bf16x3; names as `fuse_products`): the products computed by `kc.mm_wide`, the
+    right operand's bf16 parts side by side along N. `kq`: the stacked [k; q] rows from
+    `intra_chunk(stack_qk=True)`: K S and Q S as one dot (with "ks" and "qs" both wide or neither).
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -378,10 +423,22 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     bv = min(block_v, value_dim)
     has_h0 = h0 is not None
     fuse = fused_products(fuse_products)
+    wide = product_names(wide_products, "wide_products")
+    stacked = kq is not None
     if fuse and transposed:
         raise ValueError("fuse_products and transposed do not combine (the transposed body has no fused products)")
-    if fuse and precision != "bf16x3":
-        raise ValueError(f"fuse_products needs precision 'bf16x3' (it fuses the bf16 parts), got {precision!r}")
+    for option, names in (("fuse_products", fuse), ("wide_products", wide)):
+        if names and precision != "bf16x3":
+            raise ValueError(f"{option} needs precision 'bf16x3' (it rearranges the bf16 parts), got {precision!r}")
+    if transposed and (wide or stacked):
+        raise ValueError("wide_products and kq (stacked k, q) do not combine with transposed")
+    if fuse & wide:
+        raise ValueError(f"products both fused and wide: {sorted(fuse & wide)}")
+    if stacked and (fuse & {"ks", "qs"} or len(wide & {"ks", "qs"}) == 1):
+        raise ValueError("with kq (one dot for K S and Q S), 'ks' and 'qs' cannot be fused, and are wide together or not at all")
+    if stacked and kq.shape != (starts.shape[0] * 2 * chunk_size, q2.shape[1]):
+        raise ValueError(f"kq has shape {kq.shape}; intra_chunk(stack_qk=True) gives "
+                         f"{(starts.shape[0] * 2 * chunk_size, q2.shape[1])} for this chunk table")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
     if len(x_parts) != len(p_parts):
         raise ValueError("X and P must both be float32 arrays or both (hi, lo) bf16 pairs")
@@ -389,7 +446,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
-                          mat_parts=len(x_parts), fuse=fuse, transposed=transposed),
+                          mat_parts=len(x_parts), fuse=fuse, transposed=transposed, wide=wide,
+                          stacked=stacked),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -398,17 +456,20 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gated_delta_state_pass",
-    )(first, starts, lens, q2, k2, v2, g2, beta2, *x_parts, *p_parts, *(() if h0 is None else (h0,)))
+    )(first, starts, lens, q2, k2, v2, g2, beta2, *(() if kq is None else (kq,)), *x_parts, *p_parts,
+      *(() if h0 is None else (h0,)))
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
-                     "num_warps_intra", "fuse_products", "transposed", "interpret"),
+                     "num_warps_intra", "fuse_products", "transposed", "wide_products", "stack_qk",
+                     "interpret"),
 )
 def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
-                              interpret, fuse_products=False, transposed=False):
+                              interpret, fuse_products=False, transposed=False, wide_products="",
+                              stack_qk=False):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
     initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
@@ -419,15 +480,17 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
     k2 = k.reshape(total, num_key_heads * key_dim)
     v2 = v.reshape(total, num_value_heads * value_dim)
     g2 = g.astype(F32)
-    x, p = intra_chunk(q2, k2, g2, beta, starts, lens, chunk_size=chunk_size, group=group,
-                       precision=precision, num_warps=num_warps_intra, interpret=interpret)
+    x, p, *kq = intra_chunk(q2, k2, g2, beta, starts, lens, chunk_size=chunk_size, group=group,
+                            precision=precision, num_warps=num_warps_intra, stack_qk=stack_qk,
+                            interpret=interpret)
     h0 = None
     if initial_state is not None:
         h0 = initial_state.astype(F32).reshape(num_seqs * num_value_heads * key_dim, value_dim)
     o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, starts, lens, chunk_size=chunk_size,
                         group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
                         num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
-                        transposed=transposed, interpret=interpret)
+                        transposed=transposed, wide_products=wide_products,
+                        kq=kq[0] if kq else None, interpret=interpret)
     return (o2.reshape(total, num_value_heads, value_dim),
             ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
 
@@ -436,7 +499,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                                   num_warps_intra: int = 1, fuse_products: bool | str = False,
-                                  transposed: bool = False, interpret: bool = False):
+                                  transposed: bool = False, wide_products: bool | str = False,
+                                  stack_qk: bool = False, interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -457,6 +521,11 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         runs 7 and 8).
       transposed: state pass with S^T held, so that no computed tile is staged in shared memory
         before a dot (experimental: 1.3x slower as a piece on an H200; NOTES.md run 8).
+      wide_products: state pass, bf16x3 only: the products (True for all, or a comma string of
+        FUSABLE_PRODUCTS names) whose right operand's bf16 parts go side by side along N in one
+        dot (`kernel_common.mm_wide`): fewer dots per chunk, the same products.
+      stack_qk: the intra-chunk kernel also writes each chunk's [k; q] rows, and the state pass
+        forms K S and Q S in one dot of 2C rows.
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -489,6 +558,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         num_warps_intra=num_warps_intra, interpret=interpret,
         fuse_products=",".join(sorted(fused_products(fuse_products))),  # hashable, validated
         transposed=bool(transposed),
+        wide_products=",".join(sorted(product_names(wide_products, "wide_products"))),
+        stack_qk=bool(stack_qk),
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

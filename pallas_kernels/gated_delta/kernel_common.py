@@ -109,6 +109,27 @@ def mm_fused(pairs, *, trans_a=False, trans_b=False, acc=None):
     return out if acc is None else out + acc
 
 
+def mm_wide(a, b, *, trans_a=False, acc=None):
+    """acc + (a^T if trans_a) @ b in bf16x3 with b's two bf16 parts side by side along N: one dot
+    of a_hi with [b_hi, b_lo] (their columns interleaved by a join, the result's halves separated
+    by a split and added), plus a_lo @ b_hi when a is split too. The same products as `mm` in 2
+    dots instead of 3 (1 instead of 2 when a is exact in bf16); Triton waits for each dot of a chain
+    before the next, so fewer dots are fewer waits. b must be split (fp32 or a (hi, lo) pair)."""
+    a_parts, b_parts = split_bf16(a), split_bf16(b)
+    if len(b_parts) != 2:
+        raise ValueError("mm_wide needs a right operand with two bf16 parts (fp32 or a (hi, lo) pair)")
+    dims = (((0 if trans_a else 1,), (0,)), ((), ()))
+    rows = a_parts[0].shape[1 if trans_a else 0]
+    depth, cols = b_parts[0].shape
+    side_by_side = interleave(list(b_parts)).reshape(depth, 2 * cols)
+    both = lax.dot_general(a_parts[0], side_by_side, dims, preferred_element_type=F32)
+    hi_part, lo_part = jnp.split(both.reshape(rows, cols, 2), 2, axis=-1)
+    out = lo_part.reshape(rows, cols) + hi_part.reshape(rows, cols)
+    if len(a_parts) > 1:
+        out = lax.dot_general(a_parts[1], b_parts[0], dims, preferred_element_type=F32) + out
+    return out if acc is None else out + acc
+
+
 def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None, fuse=False):
     """2-D matmul with fp32 accumulation: acc + (a^T if trans_a) @ (b^T if trans_b).
 

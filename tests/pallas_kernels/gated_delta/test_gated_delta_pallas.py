@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.gated_delta import kernel_chunked as kcd
 from pallas_kernels.gated_delta import kernel_common as kc
 from pallas_kernels.gated_delta import (
     chunk_gated_delta_rule_pallas,
@@ -121,19 +122,42 @@ def test_chunked_interpret_matches_reference(t, chunk_size, with_state):
     _check(o, s, o_ref, s_ref, jnp.float32)
 
 
-@pytest.mark.parametrize("fuse_products, transposed", [(False, False), (True, False), ("xv,update", False),
-                                                       (False, True)])
+@pytest.mark.parametrize("options", [{}, {"fuse_products": True}, {"fuse_products": "xv,update"},
+                                     {"transposed": True}, {"wide_products": True}, {"stack_qk": True},
+                                     {"stack_qk": True, "wide_products": "xv,pv,update"},
+                                     {"stack_qk": True, "wide_products": "ks,qs,pv,update", "fuse_products": "xv"}])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_interpret_bf16x3(dtype, fuse_products, transposed):
-    # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here;
-    # fuse_products: the same products (plus lo*lo) as one dot each, so the same bound; transposed:
-    # the same products on transposed operands (S^T held), the same bound.
+def test_chunked_interpret_bf16x3(dtype, options):
+    # The hand-split bf16 arithmetic runs the same on the CPU, so its accuracy is checked here.
+    # Every option computes the same bf16 products (fuse_products adds lo*lo, which only adds
+    # accuracy), in other dots or orders, so all share one bound: fuse_products as one dot per
+    # product, transposed on transposed operands (S^T held), wide_products with the right operand's
+    # parts side by side along N, stack_qk with K S and Q S in one dot of [k; q]. (Two heads of
+    # one key head: the stacked rows are written by the first value head and read by both.)
     (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
-                            precision="bf16x3", block_v=16, fuse_products=fuse_products,
-                            transposed=transposed)
+                            precision="bf16x3", block_v=16, **options)
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
+
+
+@pytest.mark.parametrize("trans_a, split_a", [(False, False), (False, True), (True, False), (True, True)])
+def test_mm_wide_is_the_sum_of_its_products(trans_a, split_a):
+    """mm_wide's side-by-side dot equals the separate bf16 products of `mm` (hi*hi + hi*lo, plus
+    lo*hi when a is split): every product of two bf16 values is exact in fp32, so the two differ
+    only in the order of fp32 additions over a depth of 32 (relative ~1e-7; 1e-5 bounds it, while
+    a mispaired interleave or split swaps or mixes columns and errs by O(1))."""
+    rng = np.random.default_rng(7)
+    a = jnp.asarray(rng.standard_normal((32, 16) if trans_a else (16, 32)), jnp.float32)
+    a = a if split_a else a.astype(jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
+    acc = jnp.asarray(rng.standard_normal((16, 64)), jnp.float32)
+    want = kc.mm(a, b, "bf16x3", trans_a=trans_a, acc=acc)
+    got = kc.mm_wide(a, b, trans_a=trans_a, acc=acc)
+    assert got.shape == want.shape == (16, 64) and got.dtype == jnp.float32
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+    with pytest.raises(ValueError, match="two bf16 parts"):
+        kc.mm_wide(a, b.astype(jnp.bfloat16))
 
 
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True)])
@@ -168,6 +192,41 @@ def test_fuse_products_errors():
     with pytest.raises(ValueError, match="fuse_products and transposed do not combine"):
         gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", precision="bf16x3",
                          block_v=16, fuse_products=True, transposed=True)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"precision": "tf32x3", "wide_products": True}, "wide_products needs precision 'bf16x3'"),
+    ({"wide_products": "update,kv"}, r"wide_products: unknown product\(s\) \['kv'\]"),
+    ({"wide_products": True, "transposed": True}, "do not combine with transposed"),
+    ({"stack_qk": True, "transposed": True}, "do not combine with transposed"),
+    ({"wide_products": "xv,pv", "fuse_products": "pv"}, r"both fused and wide: \['pv'\]"),
+    ({"stack_qk": True, "fuse_products": "ks"}, "'ks' and 'qs' cannot be fused"),
+    ({"stack_qk": True, "wide_products": "qs"}, "wide together or not at all"),
+])
+def test_wide_and_stack_errors(options, message):
+    (q, k, v, g, beta), _ = _inputs(1, 1, 16, 1, 2, 16, 16)
+    options = {"precision": "bf16x3", **options}
+    with pytest.raises(ValueError, match=message):
+        gated_delta_rule(q, k, v, g, beta, implementation="pallas_interpret", block_v=16, **options)
+
+
+def test_state_pass_checks_the_stacked_rows():
+    """A kq array that is not the intra kernel's [N*2C, Hk*K] for this chunk table is refused with
+    its shape, not read out of bounds."""
+    (q, k, v, g, beta), _ = _inputs(1, 1, 100, 1, 2, 16, 16)
+    first, starts, lens = kcd.chunk_table(np.array([0, 100]), 100, 64)
+    q2, k2 = (a.reshape(100, 16) for a in (q[0], k[0]))
+    x, p, kq = kcd.intra_chunk(q2, k2, g[0], beta[0], starts, lens, chunk_size=64, group=2,
+                               precision="bf16x3", stack_qk=True, interpret=True)
+    assert kq.shape == (2 * 2 * 64, 16)
+    # each chunk slot's k rows then q rows, zero past the chunk's end (36 tokens in the second)
+    np.testing.assert_array_equal(np.asarray(kq[64:128]), np.asarray(q2[:64]))
+    np.testing.assert_array_equal(np.asarray(kq[128:164]), np.asarray(k2[64:]))
+    assert not np.asarray(kq[164:192]).any() and not np.asarray(kq[228:]).any()
+    with pytest.raises(ValueError, match=r"kq has shape \(128, 16\)"):
+        kcd.state_pass(q2, k2, v[0].reshape(100, 32), g[0], beta[0], x, p, None, first, starts, lens,
+                       chunk_size=64, group=2, out_dtype=jnp.float32, precision="bf16x3",
+                       block_v=16, kq=kq[:128], interpret=True)
 
 
 def test_chunked_interpret_bf16_padded_dims():
@@ -279,13 +338,16 @@ def _lower_for_cuda(fn, *args):
     return exported.mlir_module()
 
 
-@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "float32"])
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32", "float32", "bf16x3-sw"])
 def test_kernels_lower_to_triton_at_27b_shapes(precision):
-    # Catches what interpret mode cannot: ops, shapes and dtypes the Triton lowering rejects.
+    # Catches what interpret mode cannot: ops, shapes and dtypes the Triton lowering rejects
+    # ("-sw": stack_qk with wide_products, whose joins and splits only the lowering checks).
     bf16 = lambda *s: jnp.zeros(s, jnp.bfloat16)  # noqa: E731
     args = (bf16(1, 256, 16, 128), bf16(1, 256, 16, 128), bf16(1, 256, 48, 128),
             jnp.zeros((1, 256, 48), jnp.float32), bf16(1, 256, 48), jnp.zeros((1, 48, 128, 128), jnp.float32))
-    text = _lower_for_cuda(functools.partial(chunk_gated_delta_rule_pallas, precision=precision), *args)
+    precision, _, variant = precision.partition("-")
+    options = {"stack_qk": True, "wide_products": True} if variant == "sw" else {}
+    text = _lower_for_cuda(functools.partial(chunk_gated_delta_rule_pallas, precision=precision, **options), *args)
     assert text.count("__gpu$xla.gpu.triton") == 2
     step = tuple(a[:, :1] for a in args[:5]) + args[5:]
     text = _lower_for_cuda(gated_delta_recurrent_pallas, *step)
@@ -294,7 +356,8 @@ def test_kernels_lower_to_triton_at_27b_shapes(precision):
 
 # ---- GPU: the compiled Triton kernels ------------------------------------------------------------
 
-_pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision", "transposed"))
+_pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision", "transposed",
+                                                     "stack_qk", "wide_products"))
 
 
 # Each case compiles the two kernels afresh (seconds each), so the grid is sparse: every T, both
@@ -304,16 +367,18 @@ _pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_si
     (1, jnp.float32, True, "bf16x3"), (63, jnp.bfloat16, True, "bf16x3"), (65, jnp.float32, False, "bf16x3"),
     (1000, jnp.bfloat16, True, "bf16x3"), (1000, jnp.float32, True, "bf16x3"), (1000, jnp.bfloat16, True, "tf32x3"),
     (1000, jnp.float32, False, "tf32x3"), (65, jnp.bfloat16, True, "bf16x3-tr"),
-    (1000, jnp.float32, True, "bf16x3-tr"),
+    (1000, jnp.float32, True, "bf16x3-tr"), (65, jnp.bfloat16, True, "bf16x3-sw"),
+    (1000, jnp.float32, True, "bf16x3-sw"), (1000, jnp.bfloat16, False, "bf16x3-w"),
 ])
 def test_gpu_chunked_matches_reference(t, dtype, with_state, precision):
-    # "-tr": the transposed state pass (kernel_chunked.state_pass(transposed=True))
+    # "-tr": the transposed state pass (kernel_chunked.state_pass(transposed=True)); "-sw": stack_qk
+    # with wide_products (all); "-w": wide_products alone
     (q, k, v, g, beta), state = _inputs(t + 7, 2, t, 2, 6, 128, 128, dtype=dtype)
     state = state if with_state else None
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
-    precision, _, tr = precision.partition("-")
+    precision, _, variant = precision.partition("-")
     o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision=precision,
-                   transposed=tr == "tr")
+                   transposed=variant == "tr", stack_qk=variant == "sw", wide_products=variant in ("sw", "w"))
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=GPU_FP32_TOL)
 
 
