@@ -223,6 +223,13 @@ CANDIDATES = {
                                   prefetch=True, target=8, x_f32=True),
     "row_r8_bn128_w1_pf_t16_xf": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
                                       prefetch=True, target=16, x_f32=True),
+    # split counts between t8 (4 splits at K=5120: 1,088 programs) and t16 (8: 2,176 programs, 1.37
+    # waves of the 1,584 one-warp programs an H100 holds at 168 registers): 5 splits (one wave,
+    # 1,360 programs) and 10 (2,720, 1.7 waves)
+    "row_r16_bn128_w1_pf_t9_xf": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                      prefetch=True, target=9, x_f32=True),
+    "row_r16_bn128_w1_pf_t20_xf": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                       prefetch=True, target=20, x_f32=True),
     "row_r8_bn256_w1_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=1,
                                prefetch=True, target=8),
     "row_r8_bn256_w2_pf": dict(mode="gemv_row", bm=16, bn=256, rows=8, num_warps=2,
