@@ -128,7 +128,10 @@ def parse_state_flags(text, where):
             kw["transposed" if name == "tr" else "stack_qk"] = True
         elif name in ("fuse", "wide") and (names is True or which):
             option = "fuse_products" if name == "fuse" else "wide_products"
-            kernel_chunked.product_names(names, option)  # unknown names: an error before any GPU work
+            try:  # unknown names: an error before any GPU work
+                kernel_chunked.product_names(names, option)
+            except ValueError as e:
+                raise SystemExit(f"{where}: {e}") from None
             kw[option] = names
         else:
             raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b])")
@@ -243,17 +246,16 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         if len(st) > 2:
             raise SystemExit(f"--piece-state {spec!r}: at most five fields")
         kw = parse_state_flags(st[1] if st[1:] else "", f"--piece-state {spec!r}")
+        stacked = None
         if kw.pop("stack_qk", False):
-            if kq is None:
+            if kq is None:  # the stacked rows do not depend on the precision: made once
                 kq = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
                                                precision=prec, num_warps=1, stack_qk=True))(
                     q2, k2, g2, b2, starts, lens)[2]
-            kw["kq"] = kq
+            stacked = kq
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
-                                       num_warps=int(nw), num_stages=int(st[0]) if st and st[0] else 2,
-                                       **{key: val for key, val in kw.items() if key != "kq"}))
-        stacked = kw.get("kq")
+                                       num_warps=int(nw), num_stages=int(st[0]) if st and st[0] else 2, **kw))
         try:
             jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens, kq=stacked))
         except Exception as e:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +114,26 @@ def test_profile_decode_tiny(tmp_path):
     res = json.loads(out.read_text())
     assert res["wall_ms_per_step"] > 0 and res["weight_gb"] > 0
     assert "HloModule" in hlo.read_text()
+
+
+def test_bench_gated_delta_state_flags():
+    """The state-pass flags of --impls / --piece-state map to the kernel options; unknown flags and
+    product names stop the script (before any GPU work) with the spec in the message."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gd", ROOT / "scripts" / "bench_gated_delta.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_state_flags("", "x") == {}
+    assert mod.parse_state_flags("stack/wide=xv+pv+update", "x") == {"stack_qk": True, "wide_products": "xv,pv,update"}
+    assert mod.parse_state_flags("tr", "x") == {"transposed": True}
+    assert mod.parse_state_flags("fuse/wide", "x") == {"fuse_products": True, "wide_products": True}
+    label, kw, _ = mod.parse_impl("pallas:bf16x3:32:4:1::stack/wide")
+    assert kw == {"implementation": "pallas", "precision": "bf16x3", "block_v": 32, "num_warps": 4,
+                  "num_stages": 1, "stack_qk": True, "wide_products": True}, kw
+    for bad, word in (("tr=1", "'tr=1'"), ("wide=xv+kv", "['kv']"), ("wide=", "'wide='"), ("stak", "'stak'")):
+        with pytest.raises(SystemExit, match=re.escape(word)):
+            mod.parse_state_flags(bad, "--impls spec")
 
 
 def test_bench_xla_int4_smoke(tmp_path):

@@ -191,7 +191,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     tile is copied to shared memory before its dot. Measured slower (NOTES.md run 8).
 
     `stacked`: a KQ ref [N*2C, Hk*K] (`intra_chunk(stack_qk=True)`) follows beta: K S and Q S
-    are one dot of M = 2C per bf16 part of S. `wide`: the products (of WIDE_PRODUCTS) computed by
+    are one dot of M = 2C per bf16 part of S. `wide`: the products (FUSABLE_PRODUCTS names) computed by
     `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
     """
     if stacked:
@@ -220,8 +220,9 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     k_cols = pl.ds(h * key_dim, key_dim)
 
     def chunk_inputs(c):
-        """Chunk slot c: k [C, K], q [C, K] (stacked: [k; q], [2C, K]); v [C, BV] fp32; X, P [C, C] (fp32 or (hi, lo) bf16); gamma
-        (in-chunk prefix sums of g), gamma_end; beta [C]; the store of o [C, BV]."""
+        """Chunk slot c: k [C, K]; q [C, K] (stacked: [k; q], [2C, K]); v [C, BV] fp32; X, P
+        [C, C] (fp32 or (hi, lo) bf16); gamma (in-chunk prefix sums of g), gamma_end; beta [C];
+        the store of o [C, BV]."""
         start = starts_ref[c]
         length = lens_ref[c]
         rows = pl.ds(start, chunk)
@@ -382,7 +383,6 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
 # The state pass's products (names for `fuse_products` and `wide_products`): k S, q S, X V-rhs,
 # P V', and the update K^T V'.
 FUSABLE_PRODUCTS = ("ks", "qs", "xv", "pv", "update")
-WIDE_PRODUCTS = FUSABLE_PRODUCTS
 
 
 def product_names(spec, option: str = "fuse_products") -> frozenset:
