@@ -205,7 +205,7 @@ def bench_prefill(args, rows, use_fla):
                 print(f"{spec} {case} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
                 continue
             t = time_pipelined(fn, qj, kj, vj, gj, bj, reps=args.reps, inner=args.inner)
-            rows.append({"case": case, "impl": f"ours {label}", "ms": t * 1e3, "Mtok_s": B * T / t / 1e6,
+            rows.append({"case": case, "impl": f"ours {label}", "spec": spec, "ms": t * 1e3, "Mtok_s": B * T / t / 1e6,
                          "TFLOP_s": FLOP_PER_TOKEN * B * T / t / 1e12, "rel_err_vs_ref": rel_err(o, o_ref),
                          "rel_err_vs_fla": rel_err(o, fla_o), "compile_s": compile_s})
             print(rows[-1], flush=True)
