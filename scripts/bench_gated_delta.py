@@ -27,7 +27,8 @@ State-pass flags (the last field of a pallas impl or a --piece-state spec), join
 (the transposed state pass), ``stack`` (K S and Q S as one dot of the stacked [k; q] rows,
 ``stack_qk``), ``fuse`` or ``fuse=xv+pv`` (``fuse_products``: all products or those named, by
 kernel_chunked.FUSABLE_PRODUCTS names joined by ``+``), ``wide`` or ``wide=xv+pv+update``
-(``wide_products``, the same names). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
+(``wide_products``, the same names), ``bf16=qs`` (``bf16_products``: those products as one bf16 dot
+of their operands rounded to bf16). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
 """
 
 from __future__ import annotations
@@ -119,22 +120,22 @@ def rel_err(a, b):
 
 
 def parse_state_flags(text, where):
-    """'tr/stack/fuse=xv+pv/wide=...' -> state-pass keyword arguments (validated names)."""
+    """'tr/stack/fuse=xv+pv/wide=.../bf16=qs' -> state-pass keyword arguments (validated names)."""
     kw = {}
     for flag in filter(None, text.split("/")):
         name, eq, which = flag.partition("=")
         names = which.replace("+", ",") if eq else True
         if name in ("tr", "stack") and not eq:
             kw["transposed" if name == "tr" else "stack_qk"] = True
-        elif name in ("fuse", "wide") and (names is True or which):
-            option = "fuse_products" if name == "fuse" else "wide_products"
+        elif name in ("fuse", "wide", "bf16") and (names is True or which):
+            option = {"fuse": "fuse_products", "wide": "wide_products", "bf16": "bf16_products"}[name]
             try:  # unknown names: an error before any GPU work
                 kernel_chunked.product_names(names, option)
             except ValueError as e:
                 raise SystemExit(f"{where}: {e}") from None
             kw[option] = names
         else:
-            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b])")
+            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b])")
     return kw
 
 
@@ -218,7 +219,7 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
     bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
     --piece-state: precision:block_v:num_warps[:num_stages[:flags]] list (flags as in --impls:
-    tr, stack, fuse[=a+b], wide[=a+b], joined by /; with "stack" the intra kernel's stacked [k; q]
+    tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], joined by /; with "stack" the intra kernel's stacked [k; q]
     rows come from one untimed extra call of it)."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)

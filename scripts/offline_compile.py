@@ -113,7 +113,8 @@ def gated_delta_kernels(args):
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
         q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
         num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,
-        transposed=args.transposed, wide_products=args.wide_products, stack_qk=args.stack_qk)
+        transposed=args.transposed, wide_products=args.wide_products, stack_qk=args.stack_qk,
+        bf16_products=args.bf16_products)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
             ("state_pass", state, args.num_warps, args.num_stages)]
@@ -142,6 +143,9 @@ def main(argv=None):
     g.add_argument("--wide-products", nargs="?", const=True, default=False,
                    help="state pass: the right operand's bf16 parts side by side along N "
                         "(kernel_common.mm_wide); optionally only some products, e.g. xv,pv,update")
+    g.add_argument("--bf16-products", nargs="?", const=True, default=False,
+                   help="state pass: products as one bf16 dot of their operands rounded to bf16, "
+                        "e.g. qs (kernel_chunked.FUSABLE_PRODUCTS)")
     g.add_argument("--stack-qk", action="store_true",
                    help="K S and Q S as one dot of the stacked [k; q] rows (intra kernel writes them)")
     for p in (q, g):

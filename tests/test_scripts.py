@@ -128,10 +128,12 @@ def test_bench_gated_delta_state_flags():
     assert mod.parse_state_flags("stack/wide=xv+pv+update", "x") == {"stack_qk": True, "wide_products": "xv,pv,update"}
     assert mod.parse_state_flags("tr", "x") == {"transposed": True}
     assert mod.parse_state_flags("fuse/wide", "x") == {"fuse_products": True, "wide_products": True}
+    assert mod.parse_state_flags("bf16=qs", "x") == {"bf16_products": "qs"}
     label, kw, _ = mod.parse_impl("pallas:bf16x3:32:4:1::stack/wide")
     assert kw == {"implementation": "pallas", "precision": "bf16x3", "block_v": 32, "num_warps": 4,
                   "num_stages": 1, "stack_qk": True, "wide_products": True}, kw
-    for bad, word in (("tr=1", "'tr=1'"), ("wide=xv+kv", "['kv']"), ("wide=", "'wide='"), ("stak", "'stak'")):
+    for bad, word in (("tr=1", "'tr=1'"), ("wide=xv+kv", "['kv']"), ("wide=", "'wide='"), ("stak", "'stak'"),
+                      ("bf16=qs+q", "['q']")):
         with pytest.raises(SystemExit, match=re.escape(word)):
             mod.parse_state_flags(bad, "--impls spec")
 

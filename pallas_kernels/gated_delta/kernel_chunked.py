@@ -176,7 +176,7 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
                        has_initial_state, mat_parts, fuse=frozenset(), transposed=False,
-                       wide=frozenset(), stacked=False):
+                       wide=frozenset(), stacked=False, low=frozenset()):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
@@ -193,6 +193,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     `stacked`: a KQ ref [N*2C, Hk*K] (`intra_chunk(stack_qk=True)`) follows beta: K S and Q S
     are one dot of M = 2C per bf16 part of S. `wide`: the products (FUSABLE_PRODUCTS names) computed by
     `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
+    `low`: the products computed as one bf16 dot of their operands rounded to bf16 (`kc.bf16_only`).
     """
     if stacked:
         kq_ref, rest = rest[0], rest[1:]
@@ -263,6 +264,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         # register-bound): e^gamma Q S goes in as the accumulator of P V', and the decayed state
         # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
         def product(name, a, b, **kw):
+            if name in low:
+                return kc.mm(kc.bf16_only(a), kc.bf16_only(b), precision, **kw)
             if name in wide:
                 return kc.mm_wide(a, b, **kw)
             return kc.mm(a, b, precision, fuse=name in fuse, **kw)
@@ -407,7 +410,8 @@ def fused_products(fuse_products) -> frozenset:
 
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
-               transposed=False, wide_products=False, kq=None, interpret=False):
+               transposed=False, wide_products=False, kq=None, bf16_products=False,
+               interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
     v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
     parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
@@ -415,6 +419,9 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     `wide_products` (bf16x3; names as `fuse_products`): the products computed by `kc.mm_wide`, the
     right operand's bf16 parts side by side along N. `kq`: the stacked [k; q] rows from
     `intra_chunk(stack_qk=True)`: K S and Q S as one dot (with "ks" and "qs" both wide or neither).
+    `bf16_products` (names as `fuse_products`): products computed as one bf16 dot of their operands
+    rounded to bf16, the rounding error of a single bf16 pass. "qs" and "pv" only reach o; "ks",
+    "xv" and "update" feed the state, so their error compounds over the chunks.
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -425,6 +432,14 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     fuse = fused_products(fuse_products)
     wide = product_names(wide_products, "wide_products")
     stacked = kq is not None
+    low = product_names(bf16_products, "bf16_products")
+    if low and transposed:
+        raise ValueError("bf16_products and transposed do not combine (the transposed body has no per-product precision)")
+    for option, names in (("fuse_products", fuse), ("wide_products", wide)):
+        if names & low:
+            raise ValueError(f"products both in bf16_products and in {option}: {sorted(names & low)}")
+    if stacked and len(low & {"ks", "qs"}) == 1:
+        raise ValueError("with kq (one dot for K S and Q S), 'ks' and 'qs' are in bf16_products together or not at all")
     if fuse and transposed:
         raise ValueError("fuse_products and transposed do not combine (the transposed body has no fused products)")
     for option, names in (("fuse_products", fuse), ("wide_products", wide)):
@@ -447,7 +462,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
                           mat_parts=len(x_parts), fuse=fuse, transposed=transposed, wide=wide,
-                          stacked=stacked),
+                          stacked=stacked, low=low),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -464,12 +479,12 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     jax.jit,
     static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
                      "num_warps_intra", "fuse_products", "transposed", "wide_products", "stack_qk",
-                     "interpret"),
+                     "bf16_products", "interpret"),
 )
 def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
                               interpret, fuse_products=False, transposed=False, wide_products="",
-                              stack_qk=False):
+                              stack_qk=False, bf16_products=""):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
     initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
@@ -490,7 +505,8 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
                         group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
                         num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
                         transposed=transposed, wide_products=wide_products,
-                        kq=kq[0] if kq else None, interpret=interpret)
+                        kq=kq[0] if kq else None, bf16_products=bf16_products,
+                        interpret=interpret)
     return (o2.reshape(total, num_value_heads, value_dim),
             ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
 
@@ -500,7 +516,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
                                   block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
                                   num_warps_intra: int = 1, fuse_products: bool | str = False,
                                   transposed: bool = False, wide_products: bool | str = False,
-                                  stack_qk: bool = False, interpret: bool = False):
+                                  stack_qk: bool = False, bf16_products: bool | str = False,
+                                  interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -526,6 +543,10 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         dot (`kernel_common.mm_wide`): fewer dots per chunk, the same products.
       stack_qk: the intra-chunk kernel also writes each chunk's [k; q] rows, and the state pass
         forms K S and Q S in one dot of 2C rows.
+      bf16_products: state pass: the products (True for all, or a comma string of
+        FUSABLE_PRODUCTS names) computed as one bf16 dot of their operands rounded to bf16 instead
+        of at `precision`. "qs" and "pv" only reach o (one rounding of S, P and V' per chunk);
+        "ks", "xv" and "update" feed the state, where the error compounds over the chunks.
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -560,6 +581,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         transposed=bool(transposed),
         wide_products=",".join(sorted(product_names(wide_products, "wide_products"))),
         stack_qk=bool(stack_qk),
+        bf16_products=",".join(sorted(product_names(bf16_products, "bf16_products"))),
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

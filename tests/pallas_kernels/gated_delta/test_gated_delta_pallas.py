@@ -141,6 +141,26 @@ def test_chunked_interpret_bf16x3(dtype, options):
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
 
 
+@pytest.mark.parametrize("options", [{"bf16_products": "qs"},
+                                     {"bf16_products": "qs", "wide_products": "xv,pv,update"}])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_interpret_bf16_products(dtype, options):
+    # bf16_products="qs": Q S from S rounded to bf16 (q is exact in bf16 models), one rounding of
+    # <= 2^-9 relative per element of S in the inter-chunk part of o only. Norm-wise that is at most
+    # ~2^-9 of o (2e-3) and, for random data, ~1e-4; the state never sees it, so it keeps bf16x3's
+    # bound. With fp32 inputs the error must also exceed bf16x3's (measured 7e-6; 5e-5 bounds it):
+    # otherwise the option did not reach the kernel.
+    (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
+                            precision="bf16x3", block_v=16, **options)
+    if dtype == jnp.float32:
+        assert BF16X3_FP32_TOL < _rel(o, o_ref) < BF16_O_TOL, _rel(o, o_ref)
+        assert _rel(s, s_ref) < BF16X3_FP32_TOL, _rel(s, s_ref)
+    else:
+        _check(o, s, o_ref, s_ref, dtype)
+
+
 @pytest.mark.parametrize("trans_a, split_a", [(False, False), (False, True), (True, False), (True, True)])
 def test_mm_wide_is_the_sum_of_its_products(trans_a, split_a):
     """mm_wide's side-by-side dot equals the separate bf16 products of `mm` (hi*hi + hi*lo, plus
@@ -202,6 +222,11 @@ def test_fuse_products_errors():
     ({"wide_products": "xv,pv", "fuse_products": "pv"}, r"both fused and wide: \['pv'\]"),
     ({"stack_qk": True, "fuse_products": "ks"}, "'ks' and 'qs' cannot be fused"),
     ({"stack_qk": True, "wide_products": "qs"}, "wide together or not at all"),
+    ({"bf16_products": "qs,kv"}, r"bf16_products: unknown product\(s\) \['kv'\]"),
+    ({"bf16_products": "qs", "transposed": True}, "bf16_products and transposed do not combine"),
+    ({"bf16_products": "qs", "wide_products": "qs,pv"}, r"both in bf16_products and in wide_products: \['qs'\]"),
+    ({"bf16_products": "pv,xv", "fuse_products": "xv"}, r"both in bf16_products and in fuse_products: \['xv'\]"),
+    ({"stack_qk": True, "bf16_products": "qs"}, "in bf16_products together or not at all"),
 ])
 def test_wide_and_stack_errors(options, message):
     (q, k, v, g, beta), _ = _inputs(1, 1, 16, 1, 2, 16, 16)
@@ -357,7 +382,7 @@ def test_kernels_lower_to_triton_at_27b_shapes(precision):
 # ---- GPU: the compiled Triton kernels ------------------------------------------------------------
 
 _pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_size", "precision", "transposed",
-                                                     "stack_qk", "wide_products"))
+                                                     "stack_qk", "wide_products", "bf16_products"))
 
 
 # Each case compiles the two kernels afresh (seconds each), so the grid is sparse: every T, both
@@ -369,16 +394,19 @@ _pallas = jax.jit(gated_delta_rule, static_argnames=("implementation", "chunk_si
     (1000, jnp.float32, False, "tf32x3"), (65, jnp.bfloat16, True, "bf16x3-tr"),
     (1000, jnp.float32, True, "bf16x3-tr"), (65, jnp.bfloat16, True, "bf16x3-sw"),
     (1000, jnp.float32, True, "bf16x3-sw"), (1000, jnp.bfloat16, False, "bf16x3-w"),
+    (1000, jnp.bfloat16, True, "bf16x3-q"), (65, jnp.bfloat16, False, "bf16x3-q"),
 ])
 def test_gpu_chunked_matches_reference(t, dtype, with_state, precision):
     # "-tr": the transposed state pass (kernel_chunked.state_pass(transposed=True)); "-sw": stack_qk
-    # with wide_products (all); "-w": wide_products alone
+    # with wide_products (all); "-w": wide_products alone; "-q": bf16_products="qs" (bf16 inputs
+    # only: its fp32 error is ~1e-4, above GPU_FP32_TOL by design; the CPU test bounds it)
     (q, k, v, g, beta), state = _inputs(t + 7, 2, t, 2, 6, 128, 128, dtype=dtype)
     state = state if with_state else None
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     precision, _, variant = precision.partition("-")
     o, s = _pallas(q, k, v, g, beta, initial_state=state, implementation="pallas", precision=precision,
-                   transposed=variant == "tr", stack_qk=variant == "sw", wide_products=variant in ("sw", "w"))
+                   transposed=variant == "tr", stack_qk=variant == "sw", wide_products=variant in ("sw", "w"),
+                   bf16_products="qs" if variant == "q" else "")
     _check(o, s, o_ref, s_ref, dtype, fp32_tol=GPU_FP32_TOL)
 
 
