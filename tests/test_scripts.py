@@ -138,6 +138,21 @@ def test_bench_gated_delta_state_flags():
             mod.parse_state_flags(bad, "--impls spec")
 
 
+def test_probe_mosaic_mixed_lowers(tmp_path):
+    """The Mosaic GPU probe's kernels lower for CUDA on a CPU (shapes, tiling, shared memory are
+    checked at lowering), and its JSON names every config."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("probe_mm", ROOT / "scripts" / "probe_mosaic_mixed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    rows = mod.main(["--lower", "--rows", "256", "--k", "256", "--n", "512", "--json", str(out)])
+    assert len(rows) == 8 and all(r.get("lowered") for r in rows), rows
+    assert json.loads(out.read_text())["rows"] == rows
+
+
 def test_bench_xla_int4_smoke(tmp_path):
     """Every method of the XLA int4 fusion probe runs on a CPU and computes the product it claims:
     err is the relative error against float32 x @ W on the same dequantized weight, bf16 output

@@ -540,9 +540,10 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         before a dot (experimental: 1.3x slower as a piece on an H200; NOTES.md run 8).
       wide_products: state pass, bf16x3 only: the products (True for all, or a comma string of
         FUSABLE_PRODUCTS names) whose right operand's bf16 parts go side by side along N in one
-        dot (`kernel_common.mm_wide`): fewer dots per chunk, the same products.
+        dot (`kernel_common.mm_wide`): fewer dots per chunk, the same products (experimental:
+        the state pass 0.38 -> 0.53 ms on an H100; NOTES.md run 10).
       stack_qk: the intra-chunk kernel also writes each chunk's [k; q] rows, and the state pass
-        forms K S and Q S in one dot of 2C rows.
+        forms K S and Q S in one dot of 2C rows (experimental: no faster; NOTES.md run 10).
       bf16_products: state pass: the products (True for all, or a comma string of
         FUSABLE_PRODUCTS names) computed as one bf16 dot of their operands rounded to bf16 instead
         of at `precision`. "qs" and "pv" only reach o (one rounding of S, P and V' per chunk);
