@@ -134,11 +134,17 @@ def test_chunked_interpret_bf16x3(dtype, options):
     # product, transposed on transposed operands (S^T held), wide_products with the right operand's
     # parts side by side along N, stack_qk with K S and Q S in one dot of [k; q]. (Two heads of
     # one key head: the stacked rows are written by the first value head and read by both.)
+    _check(*_interpret_bf16x3(dtype, options), dtype, fp32_tol=BF16X3_FP32_TOL)
+
+
+def _interpret_bf16x3(dtype, options):
+    """(o, s, o_ref, s_ref): bf16x3 in interpret mode with the state-pass `options`; T=150 (two
+    chunks of 64 and a partial one), two value heads of one key head, an initial state."""
     (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
                             precision="bf16x3", block_v=16, **options)
-    _check(o, s, o_ref, s_ref, dtype, fp32_tol=BF16X3_FP32_TOL)
+    return o, s, o_ref, s_ref
 
 
 @pytest.mark.parametrize("options", [{"bf16_products": "qs"},
@@ -150,10 +156,7 @@ def test_chunked_interpret_bf16_products(dtype, options):
     # ~2^-9 of o (2e-3) and, for random data, ~1e-4; the state never sees it, so it keeps bf16x3's
     # bound. With fp32 inputs the error must also exceed bf16x3's (measured 7e-6; 5e-5 bounds it):
     # otherwise the option did not reach the kernel.
-    (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
-    o_ref, s_ref = _naive(q, k, v, g, beta, state)
-    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
-                            precision="bf16x3", block_v=16, **options)
+    o, s, o_ref, s_ref = _interpret_bf16x3(dtype, options)
     if dtype == jnp.float32:
         assert BF16X3_FP32_TOL < _rel(o, o_ref) < BF16_O_TOL, _rel(o, o_ref)
         assert _rel(s, s_ref) < BF16X3_FP32_TOL, _rel(s, s_ref)
