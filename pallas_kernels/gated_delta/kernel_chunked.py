@@ -548,6 +548,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         FUSABLE_PRODUCTS names) computed as one bf16 dot of their operands rounded to bf16 instead
         of at `precision`. "qs" and "pv" only reach o (one rounding of S, P and V' per chunk);
         "ks", "xv" and "update" feed the state, where the error compounds over the chunks.
+        (Experimental: "qs" measured within the noise of the defaults on an H100; NOTES.md run 10.)
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
