@@ -8,11 +8,22 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name):
+    """scripts/<name> imported as a module (its functions, without running main)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(name).stem, ROOT / "scripts" / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _run(*args, timeout=600):
@@ -119,11 +130,7 @@ def test_profile_decode_tiny(tmp_path):
 def test_bench_gated_delta_state_flags():
     """The state-pass flags of --impls / --piece-state map to the kernel options; unknown flags and
     product names stop the script (before any GPU work) with the spec in the message."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gd", ROOT / "scripts" / "bench_gated_delta.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_gated_delta.py")
     assert mod.parse_state_flags("", "x") == {}
     assert mod.parse_state_flags("stack/wide=xv+pv+update", "x") == {"stack_qk": True, "wide_products": "xv,pv,update"}
     assert mod.parse_state_flags("tr", "x") == {"transposed": True}
@@ -141,16 +148,13 @@ def test_bench_gated_delta_state_flags():
 def test_probe_mosaic_mixed_lowers(tmp_path):
     """The Mosaic GPU probe's kernels lower for CUDA on a CPU (shapes, tiling, shared memory are
     checked at lowering), and its JSON names every config."""
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("probe_mm", ROOT / "scripts" / "probe_mosaic_mixed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("probe_mosaic_mixed.py")
     out = tmp_path / "p.json"
     rows = mod.main(["--lower", "--rows", "256", "--k", "256", "--n", "512", "--json", str(out)])
     assert len(rows) == 8 and all(r.get("lowered") for r in rows), rows
     assert json.loads(out.read_text())["rows"] == rows
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as hm
+    assert not isinstance(hm.backend, types.SimpleNamespace)  # jax's module is restored after --lower
 
 
 def test_bench_xla_int4_smoke(tmp_path):
@@ -207,11 +211,7 @@ def test_bench_quant_matmul_m1_candidates_flag():
     r = _run(ROOT / "scripts" / "bench_quant_matmul.py", "--sweep-m1", "--no-bench",
              "--m1-candidates", "row_r16_bn128_w1_pf_t16_xf,row_nope")
     assert r.returncode != 0 and "row_nope" in r.stderr and "row_r16_bn128_w1_pf_t16_xf" not in r.stderr, r.stderr
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_qmm", ROOT / "scripts" / "bench_quant_matmul.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("bench_quant_matmul.py")
     plan = mod.sweep_m1_plan(["row_r16_bn128_w1_pf_t16", "row_r16_bn128_w1_pf_t16_xf"])
     assert [(sc, c) for _, _, _, sc, c in plan] == [
         (None, "xla_bf16"), ("int4_g128", "row_r16_bn128_w1_pf_t16"), ("int4_g128", "row_r16_bn128_w1_pf_t16_xf"),

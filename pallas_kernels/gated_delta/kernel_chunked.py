@@ -193,7 +193,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     `stacked`: a KQ ref [N*2C, Hk*K] (`intra_chunk(stack_qk=True)`) follows beta: K S and Q S
     are one dot of M = 2C per bf16 part of S. `wide`: the products (FUSABLE_PRODUCTS names) computed by
     `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
-    `low`: the products computed as one bf16 dot of their operands rounded to bf16 (`kc.bf16_only`).
+    `low`: the products computed as one bf16 dot of their operands rounded to bf16 (the hi part of
+    `kc.split_bf16`; the unused lo part is dead code the compiler drops).
     """
     if stacked:
         kq_ref, rest = rest[0], rest[1:]
@@ -265,7 +266,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         # as that of the update's dot. (Forming Q S after V' instead spilled more: NOTES run 6.)
         def product(name, a, b, **kw):
             if name in low:
-                return kc.mm(kc.bf16_only(a), kc.bf16_only(b), precision, **kw)
+                return kc.mm(kc.split_bf16(a)[0], kc.split_bf16(b)[0], precision, **kw)
             if name in wide:
                 return kc.mm_wide(a, b, **kw)
             return kc.mm(a, b, precision, fuse=name in fuse, **kw)

@@ -109,13 +109,6 @@ def mm_fused(pairs, *, trans_a=False, trans_b=False, acc=None):
     return out if acc is None else out + acc
 
 
-def bf16_only(x):
-    """x rounded to one bf16 part: a (hi, lo) pair gives hi, bf16 stays as it is, fp32 is rounded."""
-    if isinstance(x, tuple):
-        return x[0]
-    return x if x.dtype == jnp.bfloat16 else x.astype(jnp.bfloat16)
-
-
 def mm_wide(a, b, *, trans_a=False, acc=None):
     """acc + (a^T if trans_a) @ b in bf16x3 with b's two bf16 parts side by side along N: one dot
     of a_hi with [b_hi, b_lo] (their columns interleaved by a join, the result's halves separated
