@@ -28,7 +28,8 @@ State-pass flags (the last field of a pallas impl or a --piece-state spec), join
 ``stack_qk``), ``fuse`` or ``fuse=xv+pv`` (``fuse_products``: all products or those named, by
 kernel_chunked.FUSABLE_PRODUCTS names joined by ``+``), ``wide`` or ``wide=xv+pv+update``
 (``wide_products``, the same names), ``bf16=qs`` (``bf16_products``: those products as one bf16 dot
-of their operands rounded to bf16). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
+of their operands rounded to bf16), ``f16`` or ``f16=xv+pv`` (``fp16_products``: one fp16 dot of
+operands rounded to fp16; X and P stored as fp16 for xv, pv). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
 """
 
 from __future__ import annotations
@@ -120,22 +121,23 @@ def rel_err(a, b):
 
 
 def parse_state_flags(text, where):
-    """'tr/stack/fuse=xv+pv/wide=.../bf16=qs' -> state-pass keyword arguments (validated names)."""
+    """'tr/stack/fuse=xv+pv/wide=.../bf16=qs/f16' -> state-pass keyword arguments (validated names)."""
     kw = {}
     for flag in filter(None, text.split("/")):
         name, eq, which = flag.partition("=")
         names = which.replace("+", ",") if eq else True
         if name in ("tr", "stack") and not eq:
             kw["transposed" if name == "tr" else "stack_qk"] = True
-        elif name in ("fuse", "wide", "bf16") and (names is True or which):
-            option = {"fuse": "fuse_products", "wide": "wide_products", "bf16": "bf16_products"}[name]
+        elif name in ("fuse", "wide", "bf16", "f16") and (names is True or which):
+            option = {"fuse": "fuse_products", "wide": "wide_products", "bf16": "bf16_products",
+                      "f16": "fp16_products"}[name]
             try:  # unknown names: an error before any GPU work
                 kernel_chunked.product_names(names, option)
             except ValueError as e:
                 raise SystemExit(f"{where}: {e}") from None
             kw[option] = names
         else:
-            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b])")
+            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b])")
     return kw
 
 
@@ -216,11 +218,12 @@ def bench_prefill(args, rows, use_fla):
 
 def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
-    --piece-intra: precision:num_warps[:fp32] list (":fp32": X and P stored as float32 even for
-    bf16x3, as before 2026-12-06; the state pass then uses the last intra variant's outputs);
+    --piece-intra: precision:num_warps[:fp32|f16] list (":fp32": X and P stored as float32 even for
+    bf16x3, as before 2026-12-06; ":f16": as float16, for fp16_products; the state pass then uses
+    the last intra variant's outputs, or for an f16 state spec an untimed fp16-storing call);
     --piece-state: precision:block_v:num_warps[:num_stages[:flags]] list (flags as in --impls:
-    tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], joined by /; with "stack" the intra kernel's stacked [k; q]
-    rows come from one untimed extra call of it)."""
+    tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b], joined by /; with "stack" the intra
+    kernel's stacked [k; q] rows come from one untimed extra call of it)."""
     B, T = k.shape[:2]
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
@@ -230,14 +233,16 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         prec, nw, *store = spec.split(":")
         intra = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
                                           precision=prec, num_warps=int(nw),
-                                          split=False if store == ["fp32"] else None))
+                                          split=False if store == ["fp32"] else None,
+                                          fp16=("x", "p") if store == ["f16"] else ()))
         try:
             x, p = intra(q2, k2, g2, b2, starts, lens)
         except Exception as e:
             print(f"intra {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
         t = time_pipelined(intra, q2, k2, g2, b2, starts, lens, reps=args.reps, inner=args.inner)
-        rows.append({"case": case, "impl": f"piece: intra-chunk kernel (X, P) {prec} warps={nw}", "ms": t * 1e3})
+        rows.append({"case": case, "impl": f"piece: intra-chunk kernel (X, P) {prec} warps={nw}"
+                     + (f" {store[0]}" if store else ""), "ms": t * 1e3})
         print(rows[-1], flush=True)
     if x is None:
         return
@@ -254,15 +259,22 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
                                                precision=prec, num_warps=1, stack_qk=True))(
                     q2, k2, g2, b2, starts, lens)[2]
             stacked = kq
+        fp16 = tuple(m for m, prod in (("x", "xv"), ("p", "pv"))
+                     if prod in kernel_chunked.product_names(kw.get("fp16_products"), "fp16_products"))
+        xs, ps = x, p
+        if any(getattr(m, "dtype", None) == jnp.float16 for m in (x, p)) or fp16:
+            xs, ps = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
+                                               precision=prec, num_warps=1, fp16=fp16))(
+                q2, k2, g2, b2, starts, lens)
         sp = jax.jit(functools.partial(kernel_chunked.state_pass, chunk_size=64, group=HV // HK,
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
                                        num_warps=int(nw), num_stages=int(st[0]) if st and st[0] else 2, **kw))
         try:
-            jax.block_until_ready(sp(q2, k2, v2, g2, b2, x, p, None, first, starts, lens, kq=stacked))
+            jax.block_until_ready(sp(q2, k2, v2, g2, b2, xs, ps, None, first, starts, lens, kq=stacked))
         except Exception as e:
             print(f"state pass {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
-        t = time_pipelined(functools.partial(sp, kq=stacked), q2, k2, v2, g2, b2, x, p, None, first,
+        t = time_pipelined(functools.partial(sp, kq=stacked), q2, k2, v2, g2, b2, xs, ps, None, first,
                            starts, lens, reps=args.reps, inner=args.inner)
         label = f"piece: state-pass kernel {prec} BV={bv} warps={nw} stages={st[0] if st and st[0] else 2}" + (
             f" [{st[1]}]" if st[1:] and st[1] else "")

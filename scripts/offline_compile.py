@@ -114,7 +114,7 @@ def gated_delta_kernels(args):
         q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
         num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,
         transposed=args.transposed, wide_products=args.wide_products, stack_qk=args.stack_qk,
-        bf16_products=args.bf16_products)
+        bf16_products=args.bf16_products, fp16_products=args.fp16_products)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
             ("state_pass", state, args.num_warps, args.num_stages)]
@@ -146,6 +146,9 @@ def main(argv=None):
     g.add_argument("--bf16-products", nargs="?", const=True, default=False,
                    help="state pass: products as one bf16 dot of their operands rounded to bf16, "
                         "e.g. qs (kernel_chunked.FUSABLE_PRODUCTS)")
+    g.add_argument("--fp16-products", nargs="?", const=True, default=False,
+                   help="state pass: products as one fp16 dot of their operands rounded to fp16 "
+                        "(all five with no value; X and P then stored as fp16)")
     g.add_argument("--stack-qk", action="store_true",
                    help="K S and Q S as one dot of the stacked [k; q] rows (intra kernel writes them)")
     for p in (q, g):

@@ -136,11 +136,13 @@ def test_bench_gated_delta_state_flags():
     assert mod.parse_state_flags("tr", "x") == {"transposed": True}
     assert mod.parse_state_flags("fuse/wide", "x") == {"fuse_products": True, "wide_products": True}
     assert mod.parse_state_flags("bf16=qs", "x") == {"bf16_products": "qs"}
+    assert mod.parse_state_flags("f16", "x") == {"fp16_products": True}
+    assert mod.parse_state_flags("f16=xv+pv", "x") == {"fp16_products": "xv,pv"}
     label, kw, _ = mod.parse_impl("pallas:bf16x3:32:4:1::stack/wide")
     assert kw == {"implementation": "pallas", "precision": "bf16x3", "block_v": 32, "num_warps": 4,
                   "num_stages": 1, "stack_qk": True, "wide_products": True}, kw
     for bad, word in (("tr=1", "'tr=1'"), ("wide=xv+kv", "['kv']"), ("wide=", "'wide='"), ("stak", "'stak'"),
-                      ("bf16=qs+q", "['q']")):
+                      ("bf16=qs+q", "['q']"), ("f16=xs", "['xs']")):
         with pytest.raises(SystemExit, match=re.escape(word)):
             mod.parse_state_flags(bad, "--impls spec")
 

@@ -74,13 +74,14 @@ def _unit_lower_inverse(a):
 
 
 def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *out_refs,
-                        chunk, num_value_heads, group, key_dim, precision, stack_qk=False):
+                        chunk, num_value_heads, group, key_dim, precision, x_parts, stack_qk=False):
     """X = (I + A)^-1 and P of chunk slot c, value head j (see the module docstring).
 
     Refs: starts, lens [N] int32 (first token, token count of each chunk slot); q, k [Ttot, Hk*K];
     g, beta [Ttot, Hv]; outputs X then P, each [N*Hv*C, C] (row block (c*Hv + j)*C holds this
     chunk's matrix): one float32 array each, or for precision "bf16x3" two bf16 arrays each, the
-    hi and lo parts (`kc.split_bf16`), which the state pass loads straight into its dots.
+    hi and lo parts (`kc.split_bf16`), which the state pass loads straight into its dots, or one
+    float16 array (for the state pass's `fp16_products`). `x_parts`: how many refs X takes.
 
     Works one 16-row block a at a time (block forward substitution by rows), loading k/q blocks
     when needed and storing each finished block at once, so few tiles are live in registers.
@@ -132,8 +133,7 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
                 kq_ref[pl.ds(c * 2 * chunk + a * _BLOCK, _BLOCK), feature_cols] = load_qk(k_ref, a)
                 kq_ref[pl.ds((c * 2 + 1) * chunk + a * _BLOCK, _BLOCK), feature_cols] = load_qk(q_ref, a)
 
-    half = len(out_refs) // 2
-    x_ref, p_ref = out_refs[:half], out_refs[half:]
+    x_ref, p_ref = out_refs[:x_parts], out_refs[x_parts:]
 
     def put(refs, a, b, val):
         parts = kc.split_bf16(val) if len(refs) == 2 else (val,)
@@ -175,13 +175,13 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
-                       has_initial_state, mat_parts, fuse=frozenset(), transposed=False,
-                       wide=frozenset(), stacked=False, low=frozenset()):
+                       has_initial_state, x_parts, p_parts, fuse=frozenset(), transposed=False,
+                       wide=frozenset(), stacked=False, low=frozenset(), half=frozenset()):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
-    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`mat_parts` refs
-    each: float32, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
+    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`x_parts` and
+    `p_parts` refs: float32 or float16, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
     ht [S*Hv*K, V] float32.
 
     `transposed`: the same products with the state held as S^T [BV, K] and every product written
@@ -194,12 +194,13 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     are one dot of M = 2C per bf16 part of S. `wide`: the products (FUSABLE_PRODUCTS names) computed by
     `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
     `low`: the products computed as one bf16 dot of their operands rounded to bf16 (the hi part of
-    `kc.split_bf16`; the unused lo part is dead code the compiler drops).
+    `kc.split_bf16`; the unused lo part is dead code the compiler drops). `half`: the products
+    computed as one fp16 dot of their operands rounded to fp16 (`kc.to_half`).
     """
     if stacked:
         kq_ref, rest = rest[0], rest[1:]
-    x_ref, p_ref = rest[:mat_parts], rest[mat_parts:2 * mat_parts]
-    rest = rest[2 * mat_parts:]
+    x_ref, p_ref = rest[:x_parts], rest[x_parts:x_parts + p_parts]
+    rest = rest[x_parts + p_parts:]
     if has_initial_state:
         h0_ref, o_ref, ht_ref = rest
     else:
@@ -223,7 +224,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
 
     def chunk_inputs(c):
         """Chunk slot c: k [C, K]; q [C, K] (stacked: [k; q], [2C, K]); v [C, BV] fp32; X, P
-        [C, C] (fp32 or (hi, lo) bf16); gamma (in-chunk prefix sums of g), gamma_end; beta [C];
+        [C, C] (fp32, fp16 or (hi, lo) bf16); gamma (in-chunk prefix sums of g), gamma_end; beta [C];
         the store of o [C, BV]."""
         start = starts_ref[c]
         length = lens_ref[c]
@@ -241,8 +242,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
         mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
         # [C, C]: an fp32 tile, or the (hi, lo) bf16 parts, which go to the dots as loaded
-        x = x_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
-        p = p_ref[0][mat_rows, :] if mat_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
+        x = x_ref[0][mat_rows, :] if x_parts == 1 else tuple(r[mat_rows, :] for r in x_ref)
+        p = p_ref[0][mat_rows, :] if p_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
 
         def store_o(o):
             kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
@@ -267,6 +268,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         def product(name, a, b, **kw):
             if name in low:
                 return kc.mm(kc.split_bf16(a)[0], kc.split_bf16(b)[0], precision, **kw)
+            if name in half:
+                return kc.mm(kc.to_half(a), kc.to_half(b), precision, **kw)
             if name in wide:
                 return kc.mm_wide(a, b, **kw)
             return kc.mm(a, b, precision, fuse=name in fuse, **kw)
@@ -349,14 +352,15 @@ def chunk_table(cu_seqlens, total_tokens: int, chunk: int):
 
 
 def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision="tf32x3",
-                num_warps=4, split=None, stack_qk=False, interpret=False):
+                num_warps=4, split=None, stack_qk=False, fp16=(), interpret=False):
     """Kernel 1 on packed 2-D views: q2, k2 [Ttot, Hk*K]; g2, beta2 [Ttot, Hv]; chunk table
     starts, lens [N]. Returns (X, P), each [N*Hv*C, C] float32, or with `split` (default: precision
     "bf16x3") each a (hi, lo) pair of bf16 arrays: the same 4 bytes per entry, and the state pass
     then feeds its dots the tiles as loaded (shared-memory operands), with no fp32 tile and no
     split in its registers (at BV=64 that removed its register spills: 320 -> 20 bytes).
     `stack_qk`: also returns KQ [N*2C, Hk*K] (each chunk's k rows then its q rows, in q2's dtype)
-    as a third value, for `state_pass(kq=...)`."""
+    as a third value, for `state_pass(kq=...)`. `fp16`: "x" and/or "p", the matrices stored as one
+    float16 array instead (for the state pass's `fp16_products` "xv" / "pv": half the bytes)."""
     num_value_heads = g2.shape[1]
     key_dim = q2.shape[1] * group // num_value_heads
     num_slots = starts.shape[0]
@@ -364,13 +368,22 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
     split = precision == "bf16x3" if split is None else split
     if split and precision != "bf16x3":
         raise ValueError(f"split (hi, lo) X and P need precision 'bf16x3', got {precision!r}")
-    mat = ((jax.ShapeDtypeStruct((rows, chunk_size), jnp.bfloat16),) * 2 if split
-           else (jax.ShapeDtypeStruct((rows, chunk_size), F32),))
+    unknown = set(fp16) - {"x", "p"}
+    if unknown:
+        raise ValueError(f"fp16 names the matrices 'x' and 'p', got {sorted(unknown)}")
+
+    def mat(name):
+        if name in fp16:
+            return (jax.ShapeDtypeStruct((rows, chunk_size), jnp.float16),)
+        return ((jax.ShapeDtypeStruct((rows, chunk_size), jnp.bfloat16),) * 2 if split
+                else (jax.ShapeDtypeStruct((rows, chunk_size), F32),))
+
+    x_mat, p_mat = mat("x"), mat("p")
     outs = pl.pallas_call(
         functools.partial(_intra_chunk_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
-                          group=group, key_dim=key_dim, stack_qk=stack_qk,
+                          group=group, key_dim=key_dim, stack_qk=stack_qk, x_parts=len(x_mat),
                           precision=kc.dot_precision(precision, interpret)),
-        out_shape=mat + mat + ((jax.ShapeDtypeStruct((num_slots * 2 * chunk_size, q2.shape[1]), q2.dtype),)
+        out_shape=x_mat + p_mat + ((jax.ShapeDtypeStruct((num_slots * 2 * chunk_size, q2.shape[1]), q2.dtype),)
                                if stack_qk else ()),
         grid=(num_value_heads, num_slots),
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=1),
@@ -379,9 +392,8 @@ def intra_chunk(q2, k2, g2, beta2, starts, lens, *, chunk_size, group, precision
     )(starts, lens, q2, k2, g2, beta2)
     kq = outs[-1:] if stack_qk else ()
     outs = outs[:-1] if stack_qk else outs
-    if split:
-        return (tuple(outs[:2]), tuple(outs[2:])) + kq
-    return (outs[0], outs[1]) + kq
+    x_out, p_out = outs[:len(x_mat)], outs[len(x_mat):]
+    return tuple(m[0] if len(m) == 1 else tuple(m) for m in (x_out, p_out)) + kq
 
 
 # The state pass's products (names for `fuse_products` and `wide_products`): k S, q S, X V-rhs,
@@ -412,7 +424,7 @@ def fused_products(fuse_products) -> frozenset:
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
                transposed=False, wide_products=False, kq=None, bf16_products=False,
-               interpret=False):
+               fp16_products=False, interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
     v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
     parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
@@ -423,6 +435,9 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     `bf16_products` (names as `fuse_products`): products computed as one bf16 dot of their operands
     rounded to bf16, the rounding error of a single bf16 pass. "qs" and "pv" only reach o; "ks",
     "xv" and "update" feed the state, so their error compounds over the chunks.
+    `fp16_products` (names as `fuse_products`): products computed as one fp16 dot of their operands
+    rounded to fp16 (`kc.to_half`: 8x less rounding error than bf16, fp16's range). X and P may be
+    float16 arrays (`intra_chunk(fp16=...)`) when their products are named here.
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -434,13 +449,17 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     wide = product_names(wide_products, "wide_products")
     stacked = kq is not None
     low = product_names(bf16_products, "bf16_products")
-    if low and transposed:
-        raise ValueError("bf16_products and transposed do not combine (the transposed body has no per-product precision)")
-    for option, names in (("fuse_products", fuse), ("wide_products", wide)):
-        if names & low:
-            raise ValueError(f"products both in bf16_products and in {option}: {sorted(names & low)}")
-    if stacked and len(low & {"ks", "qs"}) == 1:
-        raise ValueError("with kq (one dot for K S and Q S), 'ks' and 'qs' are in bf16_products together or not at all")
+    half = product_names(fp16_products, "fp16_products")
+    for rounded, names in (("bf16_products", low), ("fp16_products", half)):
+        if names and transposed:
+            raise ValueError(f"{rounded} and transposed do not combine (the transposed body has no per-product precision)")
+        for option, others in (("fuse_products", fuse), ("wide_products", wide)):
+            if names & others:
+                raise ValueError(f"products both in {rounded} and in {option}: {sorted(names & others)}")
+        if stacked and len(names & {"ks", "qs"}) == 1:
+            raise ValueError(f"with kq (one dot for K S and Q S), 'ks' and 'qs' are in {rounded} together or not at all")
+    if low & half:
+        raise ValueError(f"products both in bf16_products and in fp16_products: {sorted(low & half)}")
     if fuse and transposed:
         raise ValueError("fuse_products and transposed do not combine (the transposed body has no fused products)")
     for option, names in (("fuse_products", fuse), ("wide_products", wide)):
@@ -456,14 +475,18 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         raise ValueError(f"kq has shape {kq.shape}; intra_chunk(stack_qk=True) gives "
                          f"{(starts.shape[0] * 2 * chunk_size, q2.shape[1])} for this chunk table")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
-    if len(x_parts) != len(p_parts):
-        raise ValueError("X and P must both be float32 arrays or both (hi, lo) bf16 pairs")
+    for name, parts, product in (("X", x_parts, "xv"), ("P", p_parts, "pv")):
+        if len(parts) == 1 and parts[0].dtype == jnp.float16 and product not in half:
+            raise ValueError(f"{name} is float16, which only fp16_products={product!r} reads; "
+                             f"store it as float32 or (hi, lo) bf16 for precision {precision!r}")
+        if len(parts) not in (1, 2) or (len(parts) == 1 and parts[0].dtype not in (F32, jnp.float16)):
+            raise ValueError(f"{name} must be a float32 or float16 array or a (hi, lo) bf16 pair")
     return pl.pallas_call(
         functools.partial(_state_pass_kernel, chunk=chunk_size, num_value_heads=num_value_heads,
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
-                          mat_parts=len(x_parts), fuse=fuse, transposed=transposed, wide=wide,
-                          stacked=stacked, low=low),
+                          x_parts=len(x_parts), p_parts=len(p_parts), fuse=fuse,
+                          transposed=transposed, wide=wide, stacked=stacked, low=low, half=half),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -480,12 +503,12 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     jax.jit,
     static_argnames=("chunk_size", "out_dtype", "precision", "block_v", "num_warps", "num_stages",
                      "num_warps_intra", "fuse_products", "transposed", "wide_products", "stack_qk",
-                     "bf16_products", "interpret"),
+                     "bf16_products", "fp16_products", "interpret"),
 )
 def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
                               interpret, fuse_products=False, transposed=False, wide_products="",
-                              stack_qk=False, bf16_products=""):
+                              stack_qk=False, bf16_products="", fp16_products=""):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
     initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
@@ -498,6 +521,8 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
     g2 = g.astype(F32)
     x, p, *kq = intra_chunk(q2, k2, g2, beta, starts, lens, chunk_size=chunk_size, group=group,
                             precision=precision, num_warps=num_warps_intra, stack_qk=stack_qk,
+                            fp16=tuple(m for m, prod in (("x", "xv"), ("p", "pv"))
+                                       if prod in fp16_products.split(",")),
                             interpret=interpret)
     h0 = None
     if initial_state is not None:
@@ -507,7 +532,7 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
                         num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
                         transposed=transposed, wide_products=wide_products,
                         kq=kq[0] if kq else None, bf16_products=bf16_products,
-                        interpret=interpret)
+                        fp16_products=fp16_products, interpret=interpret)
     return (o2.reshape(total, num_value_heads, value_dim),
             ht.reshape(num_seqs, num_value_heads, key_dim, value_dim))
 
@@ -518,7 +543,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
                                   num_warps_intra: int = 1, fuse_products: bool | str = False,
                                   transposed: bool = False, wide_products: bool | str = False,
                                   stack_qk: bool = False, bf16_products: bool | str = False,
-                                  interpret: bool = False):
+                                  fp16_products: bool | str = False, interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -550,6 +575,12 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         of at `precision`. "qs" and "pv" only reach o (one rounding of S, P and V' per chunk);
         "ks", "xv" and "update" feed the state, where the error compounds over the chunks.
         (Experimental: "qs" measured within the noise of the defaults on an H100; NOTES.md run 10.)
+      fp16_products: state pass: the products (True for all, or a comma string) computed as one
+        fp16 dot of their operands rounded to fp16 (2^-11 relative per rounding against bf16's
+        2^-8; X and P are then stored as fp16 by the intra-chunk kernel). With all five the state
+        pass runs 5 dots per chunk instead of 12. fp16's range bounds it: an operand entry beyond
+        65504 (a state or v of that size) becomes inf and the outputs inf/NaN (never finite and
+        wrong); values of v far below 1e-3 lose relative accuracy to fp16 subnormals.
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -585,6 +616,7 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         wide_products=",".join(sorted(product_names(wide_products, "wide_products"))),
         stack_qk=bool(stack_qk),
         bf16_products=",".join(sorted(product_names(bf16_products, "bf16_products"))),
+        fp16_products=",".join(sorted(product_names(fp16_products, "fp16_products"))),
     )
     o = o.reshape(batch, seq_len, num_value_heads, vp)[..., :value_dim]
     return o, ht[..., :key_dim, :value_dim]

@@ -88,6 +88,19 @@ def split_bf16(x):
     return hi, (x - hi.astype(F32)).astype(jnp.bfloat16)
 
 
+def to_half(x):
+    """x rounded to fp16 (one part: 11 significant bits against bf16's 8, so 2^-11 relative per
+    rounding, but only fp16's range: |x| >= 65520 becomes inf, which then shows as inf/NaN in the
+    results, and |x| < 6.1e-5 keeps fewer bits as a subnormal). A (hi, lo) bf16 pair is summed in
+    fp32 first; a bf16 value in fp16's normal range converts exactly."""
+    if isinstance(x, tuple):
+        total = x[0].astype(F32)
+        for part in x[1:]:
+            total = total + part.astype(F32)
+        x = total
+    return x.astype(jnp.float16)
+
+
 def mm_fused(pairs, *, trans_a=False, trans_b=False, acc=None):
     """sum_i a_i @ b_i over bf16 (a_i, b_i) pairs (2 or 4; same shapes) as ONE dot of depth
     len(pairs) * K: the a_i interleaved along their contraction axis (`triton_ops.interleave`), the
@@ -133,7 +146,7 @@ def mm_wide(a, b, *, trans_a=False, acc=None):
 def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None, fuse=False):
     """2-D matmul with fp32 accumulation: acc + (a^T if trans_a) @ (b^T if trans_b).
 
-    Two bf16 operands multiply natively (bf16 x bf16 products are exact in fp32). Otherwise
+    Two bf16 (or two fp16) operands multiply natively (their products are exact in fp32). Otherwise
     `precision` (from `dot_precision`) decides: "bf16x3" sums the bf16 parts (see PRECISIONS),
     anything else is one fp32 dot at that precision (the Triton dot needs equal element types).
 
@@ -152,7 +165,7 @@ def mm(a, b, precision, *, trans_a=False, trans_b=False, acc=None, fuse=False):
     if isinstance(a, tuple) or isinstance(b, tuple):
         if precision != _SPLIT:
             raise ValueError(f"operands split into bf16 parts need precision {_SPLIT!r}, got {precision!r}")
-    elif a.dtype == jnp.bfloat16 and b.dtype == jnp.bfloat16:
+    elif a.dtype == b.dtype and a.dtype in (jnp.bfloat16, jnp.float16):
         return add(dot(a, b), acc)
     if precision == _SPLIT:
         a_parts, b_parts = split_bf16(a), split_bf16(b)
