@@ -176,7 +176,8 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
 def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
                        has_initial_state, x_parts, p_parts, fuse=frozenset(), transposed=False,
-                       wide=frozenset(), stacked=False, low=frozenset(), half=frozenset()):
+                       wide=frozenset(), stacked=False, low=frozenset(), half=frozenset(),
+                       scaled=False):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
@@ -195,8 +196,16 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     `kc.mm_wide`. Both cut the dots per chunk, each of which Triton waits for before the next.
     `low`: the products computed as one bf16 dot of their operands rounded to bf16 (the hi part of
     `kc.split_bf16`; the unused lo part is dead code the compiler drops). `half`: the products
-    computed as one fp16 dot of their operands rounded to fp16 (`kc.to_half`).
+    computed as one fp16 dot of their operands rounded to fp16 (`kc.to_half`). `scaled`: a
+    [1] float32 ref (a power of two, `fp16_scale`) follows beta; v and h0 are multiplied by it as
+    they are loaded, o and the final state divided by it as they are stored (the rule is linear in
+    v and h0, and a power of two rescales exactly), so the fp16 operands sit in fp16's range.
     """
+    if scaled:
+        scale_ref, rest = rest[0], rest[1:]
+        scale = scale_ref[0]
+    else:
+        scale = None
     if stacked:
         kq_ref, rest = rest[0], rest[1:]
     x_ref, p_ref = rest[:x_parts], rest[x_parts:x_parts + p_parts]
@@ -216,6 +225,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     state_cols = pl.ds(vb * block_v, block_v)
     if has_initial_state:
         s0 = h0_ref[state_rows, state_cols].astype(F32)
+        if scaled:
+            s0 = s0 * scale
     else:
         s0 = jnp.zeros((key_dim, block_v), F32)
     ids = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
@@ -238,6 +249,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         else:
             q = kc.load(q_ref.at[rows, k_cols], mask=valid_k, other=0)
         v = kc.load(v_ref.at[rows, v_cols], mask=valid_v, other=0).astype(F32)
+        if scaled:
+            v = v * scale
         g = kc.load(g_ref.at[rows, j], mask=valid, other=0).astype(F32)
         beta = kc.load(beta_ref.at[rows, j], mask=valid, other=0).astype(F32)
         mat_rows = pl.ds((c * num_value_heads + j) * chunk, chunk)
@@ -246,6 +259,8 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         p = p_ref[0][mat_rows, :] if p_parts == 1 else tuple(r[mat_rows, :] for r in p_ref)
 
         def store_o(o):
+            if scaled:
+                o = o * (1.0 / scale)
             kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
 
         # gamma_end: gamma of the last token (padded tokens have g = 0)
@@ -286,7 +301,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         return product("update", k, decay_out * v_new, trans_a=True, acc=jnp.exp(gamma_end) * s)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
-    ht_ref[state_rows, state_cols] = s
+    ht_ref[state_rows, state_cols] = s if scale is None else s * (1.0 / scale)
 
 
 def _transposed_step(k, q, v, x, p, gamma, gamma_end, beta, store_o, s_t, *, precision):
@@ -421,6 +436,24 @@ def fused_products(fuse_products) -> frozenset:
     return product_names(fuse_products, "fuse_products")
 
 
+# fp16_products: v and h0 are rescaled so that their largest magnitude lies in [8, 16): fp16's
+# normal range then spans 2^12 of headroom above it (for the state and V', which grow from v by
+# at most a modest factor) and 2^18 below it before subnormals.
+FP16_TARGET_EXPONENT = 4
+
+
+def fp16_scale(v2, h0=None):
+    """[1] float32 power of two that brings max(|v|, |h0|) into [8, 16) (1 when that maximum is 0
+    or not finite: an inf or NaN input then propagates as in the reference)."""
+    m = jnp.max(jnp.abs(v2)).astype(F32)
+    if h0 is not None:
+        m = jnp.maximum(m, jnp.max(jnp.abs(h0)).astype(F32))
+    _, e = jnp.frexp(m)  # m = f 2^e, f in [0.5, 1)
+    e = jnp.clip(e, -100, 100)
+    ok = jnp.isfinite(m) & (m > 0)
+    return jnp.where(ok, jnp.ldexp(jnp.ones((), F32), FP16_TARGET_EXPONENT - e), 1.0).reshape(1)
+
+
 def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
                transposed=False, wide_products=False, kq=None, bf16_products=False,
@@ -437,7 +470,9 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
     "xv" and "update" feed the state, so their error compounds over the chunks.
     `fp16_products` (names as `fuse_products`): products computed as one fp16 dot of their operands
     rounded to fp16 (`kc.to_half`: 8x less rounding error than bf16, fp16's range). X and P may be
-    float16 arrays (`intra_chunk(fp16=...)`) when their products are named here.
+    float16 arrays (`intra_chunk(fp16=...)`) when their products are named here. With any fp16
+    product, v and h0 are rescaled by a power of two (`fp16_scale`: one XLA reduction over v) and
+    the results scaled back, so the fp16 operands are in range whatever the scale of v.
     Returns (o2 [Ttot, Hv*V] in out_dtype, ht [S*Hv*K, V] float32)."""
     total, num_value_heads = g2.shape
     value_dim = v2.shape[1] // num_value_heads
@@ -486,7 +521,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
                           group=group, key_dim=key_dim, value_dim=value_dim, block_v=bv,
                           precision=kc.dot_precision(precision, interpret), has_initial_state=has_h0,
                           x_parts=len(x_parts), p_parts=len(p_parts), fuse=fuse,
-                          transposed=transposed, wide=wide, stacked=stacked, low=low, half=half),
+                          transposed=transposed, wide=wide, stacked=stacked, low=low, half=half,
+                          scaled=bool(half)),
         out_shape=(
             jax.ShapeDtypeStruct((total, num_value_heads * value_dim), out_dtype),
             jax.ShapeDtypeStruct((num_seqs * num_value_heads * key_dim, value_dim), F32),
@@ -495,7 +531,8 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gated_delta_state_pass",
-    )(first, starts, lens, q2, k2, v2, g2, beta2, *(() if kq is None else (kq,)), *x_parts, *p_parts,
+    )(first, starts, lens, q2, k2, v2, g2, beta2, *((fp16_scale(v2, h0),) if half else ()),
+      *(() if kq is None else (kq,)), *x_parts, *p_parts,
       *(() if h0 is None else (h0,)))
 
 
@@ -578,9 +615,11 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       fp16_products: state pass: the products (True for all, or a comma string) computed as one
         fp16 dot of their operands rounded to fp16 (2^-11 relative per rounding against bf16's
         2^-8; X and P are then stored as fp16 by the intra-chunk kernel). With all five the state
-        pass runs 5 dots per chunk instead of 12. fp16's range bounds it: an operand entry beyond
-        65504 (a state or v of that size) becomes inf and the outputs inf/NaN (never finite and
-        wrong); values of v far below 1e-3 lose relative accuracy to fp16 subnormals.
+        pass runs 5 dots per chunk instead of 12. v and the initial state are first rescaled by a
+        power of two so their largest entry is in [8, 16) (one XLA reduction over v), and o and
+        the final state scaled back, so fp16's range does not depend on the inputs' scale; a state
+        that still outgrew fp16 (2^12 above the largest input) would come out inf/NaN, never
+        finite and wrong.
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).

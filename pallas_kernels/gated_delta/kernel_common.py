@@ -90,9 +90,9 @@ def split_bf16(x):
 
 def to_half(x):
     """x rounded to fp16 (one part: 11 significant bits against bf16's 8, so 2^-11 relative per
-    rounding, but only fp16's range: |x| >= 65520 becomes inf, which then shows as inf/NaN in the
-    results, and |x| < 6.1e-5 keeps fewer bits as a subnormal). A (hi, lo) bf16 pair is summed in
-    fp32 first; a bf16 value in fp16's normal range converts exactly."""
+    rounding, but only fp16's range: |x| >= 65520 becomes inf, and |x| < 6.1e-5 keeps fewer bits
+    as a subnormal; the state pass rescales v for it, `kernel_chunked.fp16_scale`). A (hi, lo) bf16
+    pair is summed in fp32 first; a bf16 value in fp16's normal range converts exactly."""
     if isinstance(x, tuple):
         total = x[0].astype(F32)
         for part in x[1:]:

@@ -191,13 +191,30 @@ def test_chunked_interpret_fp16_products(dtype, products):
     assert _rel(s, s_ref) < FP16_PRODUCTS_TOL, _rel(s, s_ref)
 
 
-def test_chunked_interpret_fp16_overflow_is_not_finite():
-    """Beyond fp16's range (here v and the state ~1e5 > 65504) the rounded operands are inf: the
-    outputs must show it (inf/NaN), never a finite wrong value."""
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_chunked_interpret_fp16_products_any_scale(scale):
+    """v and the initial state far outside fp16's range (or down in its subnormals): the state pass
+    rescales them by a power of two (kernel_chunked.fp16_scale), so the error stays that of the
+    fp16 roundings at unit scale (FP16_PRODUCTS_TOL), where unscaled operands would be inf (1e6)
+    or lose most of their bits (1e-6)."""
     (q, k, v, g, beta), state = _inputs(9, 1, 80, 1, 2, 32, 32)
-    o, s = gated_delta_rule(q, k, v * 1e5, g, beta, initial_state=state * 1e5,
-                            implementation="pallas_interpret", block_v=16, fp16_products=True)
-    assert not np.all(np.isfinite(np.asarray(o))) and not np.all(np.isfinite(np.asarray(s)))
+    v, state = v * scale, state * scale
+    o_ref, s_ref = _naive(q, k, v, g, beta, state)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
+                            block_v=16, fp16_products=True)
+    assert _rel(o, o_ref) < FP16_PRODUCTS_TOL and _rel(s, s_ref) < FP16_PRODUCTS_TOL, (_rel(o, o_ref), _rel(s, s_ref))
+
+
+def test_fp16_scale():
+    """A power of two that puts max(|v|, |h0|) in [8, 16); 1 for zeros or a non-finite maximum
+    (an inf in v then reaches the outputs as it does in the reference)."""
+    for m, want in ((10.0, 1.0), (16.0, 0.5), (1e-5, 2.0**20), (3e5, 2.0**-15)):
+        v = jnp.asarray([[m / 3, -m]], jnp.float32)
+        got = float(kcd.fp16_scale(v)[0])
+        assert got == want and 8 <= m * got < 16, (m, got)
+    assert float(kcd.fp16_scale(jnp.ones((2, 2)), 40.0 * jnp.ones((3,)))[0]) == 0.25
+    assert float(kcd.fp16_scale(jnp.zeros((2, 2)))[0]) == 1.0
+    assert float(kcd.fp16_scale(jnp.asarray([1.0, jnp.inf]))[0]) == 1.0
 
 
 @pytest.mark.parametrize("trans_a, split_a", [(False, False), (False, True), (True, False), (True, True)])
