@@ -225,6 +225,7 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b], joined by /; with "stack" the intra
     kernel's stacked [k; q] rows come from one untimed extra call of it)."""
     B, T = k.shape[:2]
+    cu = jnp.asarray(np.arange(B + 1) * T, jnp.int32)
     first, starts, lens = kernel_chunked.chunk_table(np.arange(B + 1) * T, B * T, 64)
     q2, k2 = q.reshape(B * T, HK * K), k.reshape(B * T, HK * K)
     v2, g2, b2 = v.reshape(B * T, HV * V), g.reshape(B * T, HV), beta.reshape(B * T, HV)
@@ -270,12 +271,12 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
                                        out_dtype=jnp.bfloat16, precision=prec, block_v=int(bv),
                                        num_warps=int(nw), num_stages=int(st[0]) if st and st[0] else 2, **kw))
         try:
-            jax.block_until_ready(sp(q2, k2, v2, g2, b2, xs, ps, None, first, starts, lens, kq=stacked))
+            jax.block_until_ready(sp(q2, k2, v2, g2, b2, xs, ps, None, first, cu, kq=stacked))
         except Exception as e:
             print(f"state pass {spec} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
             continue
         t = time_pipelined(functools.partial(sp, kq=stacked), q2, k2, v2, g2, b2, xs, ps, None, first,
-                           starts, lens, reps=args.reps, inner=args.inner)
+                           cu, reps=args.reps, inner=args.inner)
         label = f"piece: state-pass kernel {prec} BV={bv} warps={nw} stages={st[0] if st and st[0] else 2}" + (
             f" [{st[1]}]" if st[1:] and st[1] else "")
         rows.append({"case": case, "impl": label, "ms": t * 1e3})

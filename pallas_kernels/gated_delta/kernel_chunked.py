@@ -173,15 +173,15 @@ def _intra_chunk_kernel(starts_ref, lens_ref, q_ref, k_ref, g_ref, beta_ref, *ou
         put(x_ref, a, a, x_aa)
 
 
-def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
+def _state_pass_kernel(first_ref, cu_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, *rest,
                        chunk, num_value_heads, group, key_dim, value_dim, block_v, precision,
                        has_initial_state, x_parts, p_parts, fuse=frozenset(), transposed=False,
                        wide=frozenset(), stacked=False, low=frozenset(), half=frozenset(),
                        scaled=False):
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
-    Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); starts, lens [N];
-    q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`x_parts` and
+    Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); cu [S+1] int32
+    (sequence s is tokens cu[s] .. cu[s+1]-1); q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`x_parts` and
     `p_parts` refs: float32 or float16, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
     ht [S*Hv*K, V] float32.
 
@@ -230,6 +230,10 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
     else:
         s0 = jnp.zeros((key_dim, block_v), F32)
     ids = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    # A sequence's chunks are consecutive slots over consecutive tokens, so slot c starts at an
+    # affine function of c: no per-chunk table lookup (a scalar load whose latency the loads of the
+    # chunk's tiles would wait for in every iteration, before the software pipeliner can issue them).
+    first_slot, seq_start, seq_end = first_ref[seq], cu_ref[seq], cu_ref[seq + 1]
     v_cols = pl.ds(j * value_dim + vb * block_v, block_v)
     k_cols = pl.ds(h * key_dim, key_dim)
 
@@ -237,13 +241,18 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         """Chunk slot c: k [C, K]; q [C, K] (stacked: [k; q], [2C, K]); v [C, BV] fp32; X, P
         [C, C] (fp32, fp16 or (hi, lo) bf16); gamma (in-chunk prefix sums of g), gamma_end; beta [C];
         the store of o [C, BV]."""
-        start = starts_ref[c]
-        length = lens_ref[c]
+        start = seq_start + (c - first_slot) * chunk
         rows = pl.ds(start, chunk)
-        valid = ids < length
+        valid = ids < seq_end - start
         valid_k = jnp.broadcast_to(valid[:, None], (chunk, key_dim))
         valid_v = jnp.broadcast_to(valid[:, None], (chunk, block_v))
         k = kc.load(k_ref.at[rows, k_cols], mask=valid_k, other=0)
+        # k again for the update (K^T V'): one load per use, so each is a plain dot operand that
+        # the pipeliner copies ahead asynchronously (one tile with two uses was loaded in-line).
+        # The mask is the same predicate written differently, so the compiler does not merge the
+        # two loads back into one.
+        valid_update = jnp.broadcast_to((ids + start < seq_end)[:, None], (chunk, key_dim))
+        k_update = kc.load(k_ref.at[rows, k_cols], mask=valid_update, other=0)
         if stacked:  # [2C, K]: k rows then q rows, already zero past the chunk's end
             q = kc.load(kq_ref.at[pl.ds(c * 2 * chunk, 2 * chunk), k_cols])
         else:
@@ -264,17 +273,20 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
             kc.store(o_ref.at[rows, v_cols], o.astype(o_ref.dtype), mask=valid_v)
 
         # gamma_end: gamma of the last token (padded tokens have g = 0)
-        return k, q, v, x, p, jnp.cumsum(g), jnp.sum(g), beta, store_o
+        return k, k_update, q, v, x, p, jnp.cumsum(g), jnp.sum(g), beta, store_o
 
     if transposed:
         step = functools.partial(_transposed_step, precision=precision)
-        s = lax.fori_loop(first_ref[seq], first_ref[seq + 1],
-                          lambda c, s_t: step(*chunk_inputs(c), s_t), s0.T).T
+        def transposed_body(c, s_t):
+            k, _, *others = chunk_inputs(c)  # one k tile serves both products here
+            return step(k, *others, s_t)
+
+        s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], transposed_body, s0.T).T
         ht_ref[state_rows, state_cols] = s
         return
 
     def body(c, s):
-        k, q, v, x, p, gamma, gamma_end, beta, store_o = chunk_inputs(c)
+        k, k_update, q, v, x, p, gamma, gamma_end, beta, store_o = chunk_inputs(c)
         decay_in = jnp.exp(gamma)[:, None]  # chunk start -> token i
         decay_out = jnp.exp(jnp.minimum(gamma_end - gamma, 0.0))[:, None]  # token i -> chunk end
         # Accumulators keep fewer [C, BV] / [K, BV] fp32 tiles live (the 4-warp program is
@@ -298,7 +310,7 @@ def _state_pass_kernel(first_ref, starts_ref, lens_ref, q_ref, k_ref, v_ref, g_r
         v_new = product("xv", x, rhs)
         store_o(product("pv", p, v_new, acc=decay_in * qs))
         # The decay to the chunk end goes on v_new, not on k: k stays exact in bf16 models.
-        return product("update", k, decay_out * v_new, trans_a=True, acc=jnp.exp(gamma_end) * s)
+        return product("update", k_update, decay_out * v_new, trans_a=True, acc=jnp.exp(gamma_end) * s)
 
     s = lax.fori_loop(first_ref[seq], first_ref[seq + 1], body, s0)
     ht_ref[state_rows, state_cols] = s if scale is None else s * (1.0 / scale)
@@ -454,12 +466,14 @@ def fp16_scale(v2, h0=None):
     return jnp.where(ok, jnp.ldexp(jnp.ones((), F32), FP16_TARGET_EXPONENT - e), 1.0).reshape(1)
 
 
-def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_size, group, out_dtype,
+def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, cu, *, chunk_size, group, out_dtype,
                precision="tf32x3", block_v=32, num_warps=4, num_stages=2, fuse_products=False,
                transposed=False, wide_products=False, kq=None, bf16_products=False,
                fp16_products=False, interpret=False):
     """Kernel 2 on packed 2-D views (see `intra_chunk`, whose (X, P) it takes as returned;
-    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None). `fuse_products` (bf16x3): the products whose bf16
+    v2 [Ttot, Hv*V], h0 [S*Hv*K, V] or None; first from `chunk_table`, cu [S+1] the sequence offsets
+    it was built from). beta goes to the kernel as float32 (so that its per-chunk [C] tile is wide
+    enough for the pipeliner's asynchronous copies). `fuse_products` (bf16x3): the products whose bf16
     parts go in one dot (`kernel_common.mm_fused`) instead of one dot per part (`fused_products`).
     `transposed`: the body that holds S^T (see `_state_pass_kernel`); the same results.
     `wide_products` (bf16x3; names as `fuse_products`): the products computed by `kc.mm_wide`, the
@@ -506,10 +520,14 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         raise ValueError(f"products both fused and wide: {sorted(fuse & wide)}")
     if stacked and (fuse & {"ks", "qs"} or len(wide & {"ks", "qs"}) == 1):
         raise ValueError("with kq (one dot for K S and Q S), 'ks' and 'qs' cannot be fused, and are wide together or not at all")
-    if stacked and kq.shape != (starts.shape[0] * 2 * chunk_size, q2.shape[1]):
-        raise ValueError(f"kq has shape {kq.shape}; intra_chunk(stack_qk=True) gives "
-                         f"{(starts.shape[0] * 2 * chunk_size, q2.shape[1])} for this chunk table")
     x_parts, p_parts = (m if isinstance(m, tuple) else (m,) for m in (x, p))
+    num_slots = x_parts[0].shape[0] // (num_value_heads * chunk_size)
+    if stacked and kq.shape != (num_slots * 2 * chunk_size, q2.shape[1]):
+        raise ValueError(f"kq has shape {kq.shape}; intra_chunk(stack_qk=True) gives "
+                         f"{(num_slots * 2 * chunk_size, q2.shape[1])} for this chunk table")
+    cu = jnp.asarray(cu).astype(jnp.int32)
+    if cu.shape != first.shape:
+        raise ValueError(f"cu has shape {cu.shape}; the chunk table's first has {first.shape} (one offset per sequence + 1)")
     for name, parts, product in (("X", x_parts, "xv"), ("P", p_parts, "pv")):
         if len(parts) == 1 and parts[0].dtype == jnp.float16 and product not in half:
             raise ValueError(f"{name} is float16, which only fp16_products={product!r} reads; "
@@ -531,7 +549,7 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
         compiler_params=kc.compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="gated_delta_state_pass",
-    )(first, starts, lens, q2, k2, v2, g2, beta2, *((fp16_scale(v2, h0),) if half else ()),
+    )(first, cu, q2, k2, v2, g2, beta2.astype(F32), *((fp16_scale(v2, h0),) if half else ()),
       *(() if kq is None else (kq,)), *x_parts, *p_parts,
       *(() if h0 is None else (h0,)))
 
@@ -542,12 +560,13 @@ def state_pass(q2, k2, v2, g2, beta2, x, p, h0, first, starts, lens, *, chunk_si
                      "num_warps_intra", "fuse_products", "transposed", "wide_products", "stack_qk",
                      "bf16_products", "fp16_products", "interpret"),
 )
-def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, *, chunk_size,
+def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, lens, cu, *, chunk_size,
                               out_dtype, precision, block_v, num_warps, num_stages, num_warps_intra,
                               interpret, fuse_products=False, transposed=False, wide_products="",
                               stack_qk=False, bf16_products="", fp16_products=""):
     """The two kernels on packed tokens: q, k [Ttot, Hk, K]; v [Ttot, Hv, V]; g, beta [Ttot, Hv];
-    initial_state [S, Hv, K, V] or None; chunk table from `chunk_table`. K, V powers of two >= 16."""
+    initial_state [S, Hv, K, V] or None; chunk table from `chunk_table` and the offsets cu [S+1]
+    it was built from. K, V powers of two >= 16."""
     total, num_key_heads, key_dim = k.shape
     num_value_heads, value_dim = v.shape[-2:]
     group = num_value_heads // num_key_heads
@@ -564,7 +583,7 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
     h0 = None
     if initial_state is not None:
         h0 = initial_state.astype(F32).reshape(num_seqs * num_value_heads * key_dim, value_dim)
-    o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, starts, lens, chunk_size=chunk_size,
+    o2, ht = state_pass(q2, k2, v2, g2, beta, x, p, h0, first, cu, chunk_size=chunk_size,
                         group=group, out_dtype=out_dtype, precision=precision, block_v=block_v,
                         num_warps=num_warps, num_stages=num_stages, fuse_products=fuse_products,
                         transposed=transposed, wide_products=wide_products,
@@ -647,7 +666,8 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
         h0 = kc.pad_axis(kc.pad_axis(initial_state.astype(F32), 2, kp), 3, vp)
     o, ht = _chunk_gated_delta_packed(
         qf, kf, vf, g.reshape(total, num_value_heads), beta.reshape(total, num_value_heads), h0,
-        first, starts, lens, chunk_size=chunk_size, out_dtype=out_dtype, precision=precision,
+        first, starts, lens, jnp.asarray(cu_seqlens).astype(jnp.int32), chunk_size=chunk_size,
+        out_dtype=out_dtype, precision=precision,
         block_v=block_v, num_warps=num_warps, num_stages=num_stages,
         num_warps_intra=num_warps_intra, interpret=interpret,
         fuse_products=",".join(sorted(fused_products(fuse_products))),  # hashable, validated

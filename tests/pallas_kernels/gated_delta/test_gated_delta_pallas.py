@@ -310,7 +310,7 @@ def test_state_pass_checks_the_stacked_rows():
     np.testing.assert_array_equal(np.asarray(kq[128:164]), np.asarray(k2[64:]))
     assert not np.asarray(kq[164:192]).any() and not np.asarray(kq[228:]).any()
     with pytest.raises(ValueError, match=r"kq has shape \(128, 16\)"):
-        kcd.state_pass(q2, k2, v[0].reshape(100, 32), g[0], beta[0], x, p, None, first, starts, lens,
+        kcd.state_pass(q2, k2, v[0].reshape(100, 32), g[0], beta[0], x, p, None, first, np.array([0, 100]),
                        chunk_size=64, group=2, out_dtype=jnp.float32, precision="bf16x3",
                        block_v=16, kq=kq[:128], interpret=True)
 
