@@ -276,7 +276,8 @@ def gated_delta_rule(
         for the Pallas kernels, see kernel_common.PRECISIONS). On other backends the chunked form
         computes in float32; the Pallas "bf16x3" splits operands by hand on every backend.
       **tuning: Pallas launch settings (block_v, num_warps, num_stages, num_warps_intra), and
-        fuse_products, transposed, wide_products, stack_qk or bf16_products (see `chunk_gated_delta_rule_pallas`).
+        fuse_products, transposed, wide_products, stack_qk, bf16_products or fp16_products (see
+        `chunk_gated_delta_rule_pallas`).
 
     Returns:
       (o [B, T, Hv, V], final_state [B, Hv, K, V] float32; [S, Hv, K, V] with cu_seqlens).
