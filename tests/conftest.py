@@ -91,3 +91,18 @@ def hf_checkpoints(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    """Drops jax's compiled executables after each test module. The whole suite otherwise keeps
+    every module's compilations alive in one process until the end, and on 2 cores the full run
+    (700 tests) crashed in XLA's CPU compiler near its end (a segfault in the last module's
+    compile that the module alone does not reproduce)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

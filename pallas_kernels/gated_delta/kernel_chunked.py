@@ -181,9 +181,9 @@ def _state_pass_kernel(first_ref, cu_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, 
     """The chunks of sequence s for value head j and value columns [vb*BV, (vb+1)*BV), in order.
 
     Refs: first [S+1] int32 (sequence s owns chunk slots first[s] .. first[s+1]-1); cu [S+1] int32
-    (sequence s is tokens cu[s] .. cu[s+1]-1); q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta [Ttot, Hv]; X then P [N*Hv*C, C] (`x_parts` and
-    `p_parts` refs: float32 or float16, or bf16 hi and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V],
-    ht [S*Hv*K, V] float32.
+    (sequence s is tokens cu[s] .. cu[s+1]-1); q, k [Ttot, Hk*K]; v [Ttot, Hv*V]; g, beta
+    [Ttot, Hv]; X then P [N*Hv*C, C] (`x_parts` and `p_parts` refs: float32 or float16, or bf16 hi
+    and lo); optional h0 [S*Hv*K, V]; outputs o [Ttot, Hv*V], ht [S*Hv*K, V] float32.
 
     `transposed`: the same products with the state held as S^T [BV, K] and every product written
     with its register-resident factor (S^T, rhs^T, V'^T) on the left (`_transposed_step`): the
@@ -277,6 +277,7 @@ def _state_pass_kernel(first_ref, cu_ref, q_ref, k_ref, v_ref, g_ref, beta_ref, 
 
     if transposed:
         step = functools.partial(_transposed_step, precision=precision)
+
         def transposed_body(c, s_t):
             k, _, *others = chunk_inputs(c)  # one k tile serves both products here
             return step(k, *others, s_t)

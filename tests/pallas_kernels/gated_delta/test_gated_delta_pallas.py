@@ -313,6 +313,10 @@ def test_state_pass_checks_the_stacked_rows():
         kcd.state_pass(q2, k2, v[0].reshape(100, 32), g[0], beta[0], x, p, None, first, np.array([0, 100]),
                        chunk_size=64, group=2, out_dtype=jnp.float32, precision="bf16x3",
                        block_v=16, kq=kq[:128], interpret=True)
+    with pytest.raises(ValueError, match=r"cu has shape \(3,\)"):  # offsets of another table
+        kcd.state_pass(q2, k2, v[0].reshape(100, 32), g[0], beta[0], x, p, None, first, np.array([0, 50, 100]),
+                       chunk_size=64, group=2, out_dtype=jnp.float32, precision="bf16x3",
+                       block_v=16, interpret=True)
 
 
 def test_chunked_interpret_bf16_padded_dims():
