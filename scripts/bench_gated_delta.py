@@ -220,7 +220,7 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
     """The two Pallas kernels alone (same inputs), so their shares of the total are known.
     --piece-intra: precision:num_warps[:fp32|f16] list (":fp32": X and P stored as float32 even for
     bf16x3, as before 2026-12-06; ":f16": as float16, for fp16_products; the state pass then uses
-    the last intra variant's outputs, or for an f16 state spec an untimed fp16-storing call);
+    the last intra variant's outputs, or an untimed call storing what the state spec reads);
     --piece-state: precision:block_v:num_warps[:num_stages[:flags]] list (flags as in --impls:
     tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b], joined by /; with "stack" the intra
     kernel's stacked [k; q] rows come from one untimed extra call of it)."""
@@ -263,7 +263,7 @@ def bench_pieces(q, k, v, g, beta, case, rows, args):
         fp16 = tuple(m for m, prod in (("x", "xv"), ("p", "pv"))
                      if prod in kernel_chunked.product_names(kw.get("fp16_products"), "fp16_products"))
         xs, ps = x, p
-        if any(getattr(m, "dtype", None) == jnp.float16 for m in (x, p)) or fp16:
+        if tuple(m for m, a in (("x", x), ("p", p)) if getattr(a, "dtype", None) == jnp.float16) != fp16:
             xs, ps = jax.jit(functools.partial(kernel_chunked.intra_chunk, chunk_size=64, group=HV // HK,
                                                precision=prec, num_warps=1, fp16=fp16))(
                 q2, k2, g2, b2, starts, lens)
