@@ -29,7 +29,9 @@ State-pass flags (the last field of a pallas impl or a --piece-state spec), join
 kernel_chunked.FUSABLE_PRODUCTS names joined by ``+``), ``wide`` or ``wide=xv+pv+update``
 (``wide_products``, the same names), ``bf16=qs`` (``bf16_products``: those products as one bf16 dot
 of their operands rounded to bf16), ``f16`` or ``f16=xv+pv`` (``fp16_products``: one fp16 dot of
-operands rounded to fp16; X and P stored as fp16 for xv, pv). Example: ``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
+operands rounded to fp16; X and P stored as fp16 for xv, pv; the default for bf16 inputs at bf16x3),
+``nof16`` (``fp16_products=False``: every product at the precision, the accurate path). Example:
+``pallas:bf16x3:64:4:2::stack/wide=xv+pv+update``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ HK, HV, K, V = 16, 48, 128, 128
 # FLOPs of the chunked form per token (B=1, T=4096 is ~31 GFLOP, see pallas_kernels/gated_delta/
 # NOTES.md): the useful work, whatever an implementation recomputes.
 FLOP_PER_TOKEN = 31e9 / 4096
-DEFAULT_IMPLS = "pallas:bf16x3,pallas:tf32x3,chunked:blocked:tf32x3"
+DEFAULT_IMPLS = "pallas:bf16x3,pallas:bf16x3:::::nof16,pallas:tf32x3,chunked:blocked:tf32x3"
 
 
 def make_inputs(B, T, seed=0):
@@ -128,6 +130,8 @@ def parse_state_flags(text, where):
         names = which.replace("+", ",") if eq else True
         if name in ("tr", "stack") and not eq:
             kw["transposed" if name == "tr" else "stack_qk"] = True
+        elif name == "nof16" and not eq:
+            kw["fp16_products"] = False
         elif name in ("fuse", "wide", "bf16", "f16") and (names is True or which):
             option = {"fuse": "fuse_products", "wide": "wide_products", "bf16": "bf16_products",
                       "f16": "fp16_products"}[name]
@@ -137,7 +141,7 @@ def parse_state_flags(text, where):
                 raise SystemExit(f"{where}: {e}") from None
             kw[option] = names
         else:
-            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b])")
+            raise SystemExit(f"{where}: unknown state-pass flag {flag!r} (tr, stack, fuse[=a+b], wide[=a+b], bf16[=a+b], f16[=a+b], nof16)")
     return kw
 
 
@@ -384,8 +388,8 @@ def main(argv=None):
     ap.add_argument("--main-only", action="store_true",
                     help="after the first prefill shape, time only the first impl and the first chunked one")
     ap.add_argument("--pieces", action="store_true")
-    ap.add_argument("--piece-intra", default="bf16x3:4,bf16x3:2,bf16x3:1")
-    ap.add_argument("--piece-state", default="bf16x3:32:4,bf16x3:64:4,bf16x3:64:8")
+    ap.add_argument("--piece-intra", default="bf16x3:1,bf16x3:1:f16")
+    ap.add_argument("--piece-state", default="bf16x3:64:4:2,bf16x3:64:4:3:f16,bf16x3:64:8:3:f16")
     ap.add_argument("--no-reference", action="store_true", help="skip the token-scan reference (errors)")
     ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--reps", type=int, default=10)

@@ -106,18 +106,26 @@ def quant_kernels(args):
 def gated_delta_kernels(args):
     from pallas_kernels.gated_delta import kernel_chunked as kc
 
-    sd = jax.ShapeDtypeStruct
-    qk_ = sd((1, args.t, 16, 128), jnp.bfloat16)
-    shapes = (qk_, qk_, sd((1, args.t, 48, 128), jnp.bfloat16), sd((1, args.t, 48), jnp.float32),
-              sd((1, args.t, 48), jnp.bfloat16))
+    sd, dt = jax.ShapeDtypeStruct, jnp.dtype(args.dtype)
+    qk_ = sd((1, args.t, 16, 128), dt)
+    shapes = (qk_, qk_, sd((1, args.t, 48, 128), dt), sd((1, args.t, 48), jnp.float32),
+              sd((1, args.t, 48), dt))
+    # the library's defaults where not given (fp16_products, num_stages), resolved here so that
+    # the compile below gets the same stage count as the kernel
+    fp16 = args.fp16_products
+    if fp16 is None:
+        fp16 = kc.default_fp16_products((dt,) * 3, args.precision, fuse_products=args.fuse_products,
+                                        transposed=args.transposed, wide_products=args.wide_products,
+                                        stack_qk=args.stack_qk, bf16_products=args.bf16_products)
+    stages = args.num_stages or kc.default_num_stages((dt,) * 3, fp16, args.block_v, args.stack_qk)
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
-        q, k, v, g, b, block_v=args.block_v, num_warps=args.num_warps, num_stages=args.num_stages,
+        q, k, v, g, b, precision=args.precision, block_v=args.block_v, num_warps=args.num_warps, num_stages=stages,
         num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,
         transposed=args.transposed, wide_products=args.wide_products, stack_qk=args.stack_qk,
-        bf16_products=args.bf16_products, fp16_products=args.fp16_products)
+        bf16_products=args.bf16_products, fp16_products=fp16)
     intra, state = capture_ttir(fn, *shapes)
     return [("intra_chunk", intra, args.num_warps_intra, 1),
-            ("state_pass", state, args.num_warps, args.num_stages)]
+            ("state_pass", state, args.num_warps, stages)]
 
 
 def main(argv=None):
@@ -132,9 +140,12 @@ def main(argv=None):
     q.add_argument("--group", type=int, default=128)
     g = sub.add_parser("gated-delta", help="the two chunked prefill kernels at the 27B head shapes")
     g.add_argument("--t", type=int, default=4096)
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of q, k, v and beta")
+    g.add_argument("--precision", default="bf16x3", help="kernel_common.PRECISIONS name")
     g.add_argument("--block-v", type=int, default=64)
     g.add_argument("--num-warps", type=int, default=4)
-    g.add_argument("--num-stages", type=int, default=2)
+    g.add_argument("--num-stages", type=int, default=None, help="default: kernel_chunked.default_num_stages")
     g.add_argument("--num-warps-intra", type=int, default=1)
     g.add_argument("--fuse-products", nargs="?", const=True, default=False,
                    help="state pass: each product's bf16 parts in one dot (kernel_common.mm_fused); "
@@ -146,9 +157,10 @@ def main(argv=None):
     g.add_argument("--bf16-products", nargs="?", const=True, default=False,
                    help="state pass: products as one bf16 dot of their operands rounded to bf16, "
                         "e.g. qs (kernel_chunked.FUSABLE_PRODUCTS)")
-    g.add_argument("--fp16-products", nargs="?", const=True, default=False,
+    g.add_argument("--fp16-products", nargs="?", const=True, default=None,
                    help="state pass: products as one fp16 dot of their operands rounded to fp16 "
-                        "(all five with no value; X and P then stored as fp16)")
+                        "(all five with no value; X and P then stored as fp16; '' for none; "
+                        "default: kernel_chunked.default_fp16_products)")
     g.add_argument("--stack-qk", action="store_true",
                    help="K S and Q S as one dot of the stacked [k; q] rows (intra kernel writes them)")
     for p in (q, g):

@@ -138,6 +138,7 @@ def test_bench_gated_delta_state_flags():
     assert mod.parse_state_flags("bf16=qs", "x") == {"bf16_products": "qs"}
     assert mod.parse_state_flags("f16", "x") == {"fp16_products": True}
     assert mod.parse_state_flags("f16=xv+pv", "x") == {"fp16_products": "xv,pv"}
+    assert mod.parse_state_flags("nof16", "x") == {"fp16_products": False}
     label, kw, _ = mod.parse_impl("pallas:bf16x3:32:4:1::stack/wide")
     assert kw == {"implementation": "pallas", "precision": "bf16x3", "block_v": 32, "num_warps": 4,
                   "num_stages": 1, "stack_qk": True, "wide_products": True}, kw

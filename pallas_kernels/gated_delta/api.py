@@ -274,7 +274,10 @@ def gated_delta_rule(
       precision: dot arithmetic of the chunked forms on GPU ("float32", "tf32x3", "bf16x6",
         "bf16x3" for "chunked", see reference.DOT_PRECISIONS; "bf16x3", "tf32x3", "tf32", "float32"
         for the Pallas kernels, see kernel_common.PRECISIONS). On other backends the chunked form
-        computes in float32; the Pallas "bf16x3" splits operands by hand on every backend.
+        computes in float32; the Pallas "bf16x3" splits operands by hand on every backend. With
+        bf16/fp16 q, k, v the Pallas "bf16x3" state pass computes its products in fp16 by default
+        (error of o ~1.2e-3 with bf16 o, inside the 2e-3 bound; pass fp16_products=False for
+        every product at bf16x3, ~1.4e-4): see `kernel_chunked.default_fp16_products`.
       **tuning: Pallas launch settings (block_v, num_warps, num_stages, num_warps_intra), and
         fuse_products, transposed, wide_products, stack_qk, bf16_products or fp16_products (see
         `chunk_gated_delta_rule_pallas`).

@@ -449,6 +449,38 @@ def fused_products(fuse_products) -> frozenset:
     return product_names(fuse_products, "fuse_products")
 
 
+# Inputs for which fp16_products=None means all five products in fp16 (`default_fp16_products`).
+SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def default_fp16_products(dtypes, precision="bf16x3", *, fuse_products=False, transposed=False,
+                          wide_products=False, stack_qk=False, bf16_products=False) -> bool:
+    """What `fp16_products=None` means: all five products in fp16 when q, k and v (`dtypes`) are
+    all 16-bit floats, precision is "bf16x3" (the default; another precision is honoured as
+    asked) and no other per-product option is given; else none. With 16-bit inputs
+    their own rounding (bf16: 2^-8) already exceeds fp16's per-operand 2^-11, the error stays
+    within the issue's bounds (o 1.2e-3 with bf16 o, state 2.9e-4, on an H100 at (1, 4096)), and
+    the state pass runs 5 dots per chunk with a 3-stage pipeline (NOTES.md run 12). fp32 inputs
+    keep `precision` for every product (their bound is tighter)."""
+    others = (fuse_products, transposed, wide_products, stack_qk, bf16_products)
+    return all(jnp.dtype(d) in SIXTEEN_BIT for d in dtypes) and precision == "bf16x3" and not any(others)
+
+
+def default_num_stages(dtypes, fp16_products, block_v: int, stack_qk: bool = False) -> int:
+    """What `num_stages=None` means for the state pass: its pipeline depth, the deepest that fits
+    the H100's 227 KB of shared memory per block. fp32 q/k/v tiles are twice the size: 1 stage
+    (2 stages need 246 KB at tf32x3 and BV=64 on an H100). 16-bit inputs with all five products
+    in fp16 (X and P then one fp16 tile each) and BV <= 64: 3 stages (157 KB offline at BV=64;
+    0.31 ms for the state pass at (1, 4096) against 0.38 at 2 stages, H100, NOTES.md run 12).
+    Otherwise 2 (bf16x3's hi/lo X and P at 3 stages would need 296 KB)."""
+    if any(jnp.dtype(d) not in SIXTEEN_BIT for d in dtypes):
+        return 1
+    if product_names(fp16_products, "fp16_products") == frozenset(FUSABLE_PRODUCTS) \
+            and block_v <= 64 and not stack_qk:
+        return 3
+    return 2
+
+
 # fp16_products: v and h0 are rescaled so that their largest magnitude lies in [8, 16): fp16's
 # normal range then spans 2^12 of headroom above it (for the state and V', which grow from v by
 # at most a modest factor) and 2^18 below it before subnormals.
@@ -596,11 +628,11 @@ def _chunk_gated_delta_packed(q, k, v, g, beta, initial_state, first, starts, le
 
 def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_seqlens=None,
                                   chunk_size: int = 64, out_dtype=None, precision: str = "bf16x3",
-                                  block_v: int = 64, num_warps: int = 4, num_stages: int = 2,
+                                  block_v: int = 64, num_warps: int = 4, num_stages: int | None = None,
                                   num_warps_intra: int = 1, fuse_products: bool | str = False,
                                   transposed: bool = False, wide_products: bool | str = False,
                                   stack_qk: bool = False, bf16_products: bool | str = False,
-                                  fp16_products: bool | str = False, interpret: bool = False):
+                                  fp16_products: bool | str | None = None, interpret: bool = False):
     """Chunked gated delta rule with the Pallas kernels (forward only; see api for gradients).
 
     Args:
@@ -612,9 +644,12 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       chunk_size: C in CHUNK_SIZES.
       precision: in-kernel dot arithmetic for fp32 operands, one of kernel_common.PRECISIONS.
       block_v: BV, value columns per program of the state pass (a power of two >= 16). The
-        defaults (bf16x3, BV=64, 4 warps, 2 stages; 1 warp for the intra-chunk kernel) were the
-        fastest measured on an H200 and again on an H100 (2026-12-06, B=1, T=4096: 0.534 ms in
-        all, against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6).
+        defaults (bf16x3, BV=64, 4 warps; 1 warp for the intra-chunk kernel) were the fastest
+        measured on an H200 and again on an H100 (2026-12-06, B=1, T=4096: 0.534 ms in all,
+        against 0.587-0.761 for BV=32 or 8 warps; NOTES.md run 6; 8 warps again slower with fp16
+        products, run 12).
+      num_stages: the state pass's pipeline depth; None: `default_num_stages` (3 for 16-bit
+        inputs with all products in fp16, 2 for other 16-bit settings, 1 for fp32 inputs).
       fuse_products: state pass, bf16x3 only: the bf16 parts of a product in one dot of 2 or 4
         times the depth; True for every product, or a comma string of FUSABLE_PRODUCTS names
         (experimental: 1.6-2.2x slower as a piece on an H200, from register spills; NOTES.md
@@ -635,12 +670,15 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
       fp16_products: state pass: the products (True for all, or a comma string) computed as one
         fp16 dot of their operands rounded to fp16 (2^-11 relative per rounding against bf16's
         2^-8; X and P are then stored as fp16 by the intra-chunk kernel). With all five the state
-        pass runs 5 dots per chunk instead of 12. v and the initial state are first rescaled by a
+        pass runs 5 dots per chunk instead of 12. None (the default): `default_fp16_products`,
+        all five for bf16/fp16 q, k, v at precision "bf16x3", else none; False keeps every
+        product at `precision` (error of o 1.4e-4 against 1.2e-3 with bf16 o, 1.2-1.3x slower:
+        NOTES.md run 12). v and the initial state are first rescaled by a
         power of two so their largest entry is in [8, 16) (one XLA reduction over v), and o and
         the final state scaled back, so fp16's range does not depend on the inputs' scale; a state
         that still outgrew fp16 (2^12 above the largest input) would come out inf/NaN, never
-        finite and wrong. (Measured as fast as the defaults at 2 stages on an H100, NOTES.md run
-        11; with fp16 X and P a 3-stage pipeline fits in shared memory, not yet timed.)
+        finite and wrong. (At (1, 4096) on an H100: 0.42 ms in all with 3 stages against
+        0.51-0.55 for every product at bf16x3 and 0.53-0.77 for fla; NOTES.md run 12.)
 
     Returns:
       (o [B, T, Hv, V] in out_dtype (default v.dtype), final_state [S, Hv, K, V] float32).
@@ -656,6 +694,13 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
     elif batch != 1:
         raise ValueError(f"with cu_seqlens the batch must be 1 (sequences packed along T), got B={batch}")
     first, starts, lens = chunk_table(cu_seqlens, total, chunk_size)
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if fp16_products is None:
+        fp16_products = default_fp16_products(
+            dtypes, precision, fuse_products=fuse_products, transposed=transposed, wide_products=wide_products,
+            stack_qk=stack_qk, bf16_products=bf16_products)
+    if num_stages is None:
+        num_stages = default_num_stages(dtypes, fp16_products, block_v, stack_qk)
     # Power-of-two feature dims for Triton (>= 16 for its dots); zero padding is exact.
     kp, vp = kc.pow2_at_least(key_dim), kc.pow2_at_least(value_dim)
     if not kc.is_pow2(block_v) or block_v < 16:

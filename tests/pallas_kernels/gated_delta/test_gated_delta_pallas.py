@@ -139,11 +139,12 @@ def test_chunked_interpret_bf16x3(dtype, options):
 
 def _interpret_bf16x3(dtype, options):
     """(o, s, o_ref, s_ref): bf16x3 in interpret mode with the state-pass `options`; T=150 (two
-    chunks of 64 and a partial one), two value heads of one key head, an initial state."""
+    chunks of 64 and a partial one), two value heads of one key head, an initial state.
+    fp16_products is off unless `options` name it (with bf16 inputs it would default to on)."""
     (q, k, v, g, beta), state = _inputs(8, 1, 150, 1, 2, 32, 32, dtype=dtype)
     o_ref, s_ref = _naive(q, k, v, g, beta, state)
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
-                            precision="bf16x3", block_v=16, **options)
+                            precision="bf16x3", block_v=16, **{"fp16_products": False, **options})
     return o, s, o_ref, s_ref
 
 
@@ -203,6 +204,41 @@ def test_chunked_interpret_fp16_products_any_scale(scale):
     o, s = gated_delta_rule(q, k, v, g, beta, initial_state=state, implementation="pallas_interpret",
                             block_v=16, fp16_products=True)
     assert _rel(o, o_ref) < FP16_PRODUCTS_TOL and _rel(s, s_ref) < FP16_PRODUCTS_TOL, (_rel(o, o_ref), _rel(s, s_ref))
+
+
+def test_default_fp16_products_and_stages():
+    """fp16_products=None / num_stages=None (kcd.default_fp16_products,
+    default_num_stages): all five products in fp16 and 3 stages for 16-bit inputs at the default
+    precision; none and 1 stage for fp32 inputs (whose tiles do not fit 2 stages on an H100);
+    another precision or another per-product option keeps the products at `precision`."""
+    bf, f16, f32 = jnp.bfloat16, jnp.float16, jnp.float32
+    assert kcd.default_fp16_products((bf, bf, bf)) is True
+    assert kcd.default_fp16_products((f16, f16, f16)) is True
+    assert kcd.default_fp16_products((bf, bf, f32)) is False
+    assert kcd.default_fp16_products((bf, bf, bf), "tf32x3") is False
+    for other in ("fuse_products", "transposed", "wide_products", "stack_qk", "bf16_products"):
+        assert kcd.default_fp16_products((bf, bf, bf), **{other: True}) is False, other
+    assert kcd.default_num_stages((bf, bf, bf), True, 64) == 3
+    assert kcd.default_num_stages((bf, bf, bf), "xv,pv", 64) == 2
+    assert kcd.default_num_stages((bf, bf, bf), True, 128) == 2
+    assert kcd.default_num_stages((bf, bf, bf), False, 64) == 2
+    assert kcd.default_num_stages((f32, f32, f32), True, 64) == 1
+
+
+@pytest.mark.parametrize("dtype, fp16", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_chunked_interpret_default_products(dtype, fp16):
+    """The wrapper's defaults reach the kernels: with no option, the outputs are bit for bit those
+    of the explicit setting (fp16 products for bf16 inputs, none for fp32), and differ from the
+    other setting."""
+    (q, k, v, g, beta), state = _inputs(10, 1, 70, 1, 2, 32, 32, dtype=dtype)
+    run = functools.partial(gated_delta_rule, q, k, v, g, beta, initial_state=state,
+                            implementation="pallas_interpret", precision="bf16x3", block_v=16)
+    o, s = run()
+    o_same, s_same = run(fp16_products=fp16)
+    o_other, s_other = run(fp16_products=not fp16)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_same, np.float32))
+    np.testing.assert_array_equal(s, s_same)
+    assert not np.array_equal(s, s_other)
 
 
 def test_fp16_scale():
