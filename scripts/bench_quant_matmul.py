@@ -323,7 +323,8 @@ def run_sweep_dequant(rows, reps):
 
 # --sweep-m1: the decode candidates closest to the table's at M=1, K=5120 -> N=34816 (for a GPU
 # other than the one the table was tuned on).
-_M1_FIRST = ("row_r16_bn128_w1_pf_t16", "row_r16_bn64_w1_pf_t32", "row_r16_bn128_w1_pf_t16_xf",
+_M1_FIRST = ("row_r8_bn128_w1_pf_t16_xf_fma", "row_r16_bn128_w1_pf_t16_xf_fma", "row_r8_bn128_w1_pf2_t16_xf_fma",
+             "row_r16_bn64_w1_pf_t32_xf_fma", "row_r16_bn128_w1_pf_t16", "row_r16_bn64_w1_pf_t32", "row_r16_bn128_w1_pf_t16_xf",
              "row_r16_bn64_w1_pf_t32_xf", "row_r32_bn64_w1_pf_t32_xf", "row_r8_bn256_w1_pf_xf",
              "row_r8_bn128_w1_pf_t16_xf")
 _M1_REST = ("row_r16_bn128_w1_pf_t32", "row_r32_bn128_w1_pf_t16", "row_r16_bn128_w1_pf",

@@ -119,6 +119,11 @@ class Config:
       mask on the slab that straddles K) and adds no activation sums (with bn = 128 and one warp,
       each activation serves 4 weights of a thread: the convert and the add were ~0.5 of the ~3.5
       instructions per weight).
+    fma_asm: gemv_row only: each product-accumulate as one ``fma.rn.f32`` (inline PTX,
+      `_fma`). The device's Triton (inside XLA) does not contract ``a * b + c`` into an FFMA:
+      Nsight Compute counted 0 fused and 12.3 M non-fused FP32 instructions in
+      ``row_r16_bn128_w1_pf_t16_xf`` at K=5120 -> N=34816 (H100, 2026-12-07), an FMUL and an
+      FADD per weight. Interpret mode computes ``a * b + c`` (one rounding more per product).
     """
 
     mode: str
@@ -134,6 +139,7 @@ class Config:
     transposed: bool = False
     stacked: bool = False
     x_f32: bool = False
+    fma_asm: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +229,15 @@ CANDIDATES = {
                                   prefetch=True, target=8, x_f32=True),
     "row_r8_bn128_w1_pf_t16_xf": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
                                       prefetch=True, target=16, x_f32=True),
+    # fma_asm: the products as explicit FFMAs (Config.fma_asm)
+    "row_r16_bn128_w1_pf_t16_xf_fma": dict(mode="gemv_row", bm=16, bn=128, rows=16, num_warps=1,
+                                           prefetch=True, target=16, x_f32=True, fma_asm=True),
+    "row_r8_bn128_w1_pf_t16_xf_fma": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                                          prefetch=True, target=16, x_f32=True, fma_asm=True),
+    "row_r8_bn128_w1_pf2_t16_xf_fma": dict(mode="gemv_row", bm=16, bn=128, rows=8, num_warps=1,
+                                           prefetch=2, target=16, x_f32=True, fma_asm=True),
+    "row_r16_bn64_w1_pf_t32_xf_fma": dict(mode="gemv_row", bm=16, bn=64, rows=16, num_warps=1,
+                                          prefetch=True, target=32, x_f32=True, fma_asm=True),
     # split counts between t8 (4 splits at K=5120: 1,088 programs) and t16 (8: 2,176 programs, 1.37
     # waves of the 1,584 one-warp programs an H100 holds at 168 registers): 5 splits (one wave,
     # 1,360 programs) and 10 (2,720, 1.7 waves)
@@ -280,12 +295,13 @@ CANDIDATES = {
 # int4 g128 45.3 us against 76.5 for dot_r128_w8, int8 g32 54.3 against 85.6, int8 per-channel 56.7
 # against 61.1; NOTES.md round 3), with its activations as fp32 and their step sums from XLA
 # (x_f32; H100, 2026-12-06, two runs: int4 g128 47.2 / 46.9 us against 49.3 / 48.8 without, int8 g32
-# 68.4 against 69.6; NOTES.md round 6).
+# 68.4 against 69.6; NOTES.md round 6), and its products as explicit FFMAs (fma_asm; H100,
+# 2026-12-07: int4 g128 46.2 -> 42.0 us with R=8, int8 g32 67.7 -> 66.5 with R=16; NOTES.md round 10).
 _TABLE = {
-    ("decode", 4, False): "row_r16_bn128_w1_pf_t16_xf",
-    ("decode", 4, True): "row_r16_bn128_w1_pf_t16_xf",
-    ("decode", 8, False): "row_r16_bn128_w1_pf_t16_xf",
-    ("decode", 8, True): "row_r16_bn128_w1_pf_t16_xf",
+    ("decode", 4, False): "row_r8_bn128_w1_pf_t16_xf_fma",
+    ("decode", 4, True): "row_r8_bn128_w1_pf_t16_xf_fma",
+    ("decode", 8, False): "row_r16_bn128_w1_pf_t16_xf_fma",
+    ("decode", 8, True): "row_r16_bn128_w1_pf_t16_xf_fma",
     ("gemm", 4, False): "gemm_128x128_r32_w8",
     ("gemm", 4, True): "gemm_128x128_r32_w8",
     ("gemm", 8, False): "gemm_128x128_r32_w8",
@@ -410,6 +426,17 @@ def _decode_top(shifted, b: int, bits: int, masks=None):
     return jax.lax.bitcast_convert_type((shifted & mask) | jnp.uint32(ONE_BITS), jnp.float32)
 
 
+def _fma(a, b, c, asm: bool):
+    """a * b + c, float32, c's shape (a, b broadcast to it); ``asm``: one ``fma.rn.f32`` per
+    element (inline PTX: the device's Triton does not contract a multiply and an add; Config.fma_asm)."""
+    if not asm:
+        return a * b + c
+    a, b = (jnp.broadcast_to(jnp.asarray(v, jnp.float32), c.shape) for v in (a, b))
+    return pltriton.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(c.shape, jnp.float32)])[0]
+
+
 def _load(ref, idx, mask):
     """ref[idx] with an optional bounds mask (masked-out lanes read 0)."""
     if mask is None:
@@ -439,7 +466,8 @@ def row_activations(x, *, bits: int, s_rows: int, rows: int):
 
 
 def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, k: int,
-            s_rows: int, group_size, has_zeros: bool, cdt, out_partial: bool, xs_ref=None):
+            s_rows: int, group_size, has_zeros: bool, cdt, out_partial: bool, interpret: bool = False,
+            xs_ref=None):
     """One program: output tile [bm, bn] (gemm / gemv_dot) or [M, bn] (gemv_fma*) over one K split.
 
     x_ref [M, K] (config.x_f32: float32 [M, p S], and xs_ref [M, p S / R]: `row_activations`),
@@ -569,6 +597,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
         # activation as scalars: every product is one FFMA into a per-slab [1, bn] partial (a
         # chain, not the mul + add tree of an in-thread reduction), X_j a scalar chain.
         depth = int(cfg.prefetch)  # steps whose words are in flight (carried by the loop)
+        asm = cfg.fma_asm and not interpret
 
         def load_rows(c):
             r0 = pl.multiple_of(row_base + jnp.minimum(c, steps - 1) * r, r)
@@ -602,7 +631,7 @@ def _kernel(x_ref, w_ref, s_ref, *rest, cfg: Config, bits: int, m: int, n: int, 
                             xv = jnp.where(kt < k, x_ref[i, jnp.minimum(kt, k - 1)], 0
                                            ).astype(jnp.float32)
                         key = (i, j)
-                        parts[key] = xv * f if parts[key] is None else parts[key] + xv * f
+                        parts[key] = xv * f if parts[key] is None else _fma(xv, f, parts[key], asm)
                         if xs_ref is None:  # else the sum comes precomputed, below
                             xsums[key] = xv if xsums[key] is None else xsums[key] + xv
             for j in live_slabs:
@@ -819,7 +848,7 @@ def quant_matmul_pallas(x, packed, scales, zeros, *, bits: int, group_size: int,
     kern = functools.partial(
         _kernel_x_f32 if cfg.x_f32 else _kernel, cfg=cfg, bits=bits, m=m, n=n, k=k, s_rows=s_rows,
         group_size=None if group_size == in_features else group_size, has_zeros=has_zeros,
-        cdt=cdt, out_partial=out_partial,
+        cdt=cdt, out_partial=out_partial, interpret=bool(interpret),
     )
     name = f"quant_matmul_{cfg.mode}_int{bits}"
     if cfg.x_f32:
@@ -934,6 +963,8 @@ def _check_config(cfg: Config, m, n, s_rows, group_size, in_features, bits=None)
         raise ValueError(f"config.transposed applies to the gemm mode only, not {cfg.mode!r}")
     if cfg.x_f32 and cfg.mode != "gemv_row":
         raise ValueError(f"config.x_f32 applies to the gemv_row mode only, not {cfg.mode!r}")
+    if cfg.fma_asm and cfg.mode != "gemv_row":
+        raise ValueError(f"config.fma_asm applies to the gemv_row mode only, not {cfg.mode!r}")
     if cfg.stacked and not (cfg.mode == "gemm" and cfg.transposed):
         raise ValueError("config.stacked needs the transposed gemm (mode='gemm', transposed=True)")
     if cfg.stacked and bits is not None and (32 // bits) & (32 // bits - 1):

@@ -1,6 +1,8 @@
 """Weight-only quantized matmul: reference vs numpy, Pallas kernels (interpreted) vs reference,
 validation errors; the `gpu`-marked tests run the compiled kernels on a GPU."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,10 @@ INTERPRET_CASES = [
                                                      x_f32=True)),
     (2, 384, 72, 4, 128, True, jnp.bfloat16, Config("gemv_row", 16, 32, 8, prefetch=2, x_f32=True)),
     (2, 96, 40, 3, 32, False, jnp.bfloat16, Config("gemv_row", 16, 32, 16, x_f32=True)),
+    # fma_asm (interpret mode computes a * b + c: the config is accepted and the rest of the path
+    # runs; the inline PTX is checked by test_fma_asm_lowers_to_ptx_fma and on the GPU)
+    (1, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemv_row", 16, 64, 16, splits=2, x_f32=True,
+                                                    prefetch=True, fma_asm=True)),
     # fast decode in the dot paths
     (3, 160, 200, 4, 32, True, jnp.bfloat16, Config("gemv_dot", 16, 64, 16, splits=2,
                                                     fast_decode=True)),
@@ -358,6 +364,8 @@ def test_config_errors():
         qk._check_config(Config("gemv_row", 16, 64, 16, transposed=True), 1, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="x_f32 applies to the gemv_row mode only"):
         qk._check_config(Config("gemv_red", 16, 64, 16, x_f32=True), 1, 64, 32, 32, 160)
+    with pytest.raises(ValueError, match="fma_asm applies to the gemv_row mode only"):
+        qk._check_config(Config("gemv_red", 16, 64, 16, fma_asm=True), 1, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="stacked needs the transposed gemm"):
         qk._check_config(Config("gemm", 16, 64, 16, stacked=True), 32, 64, 32, 32, 160)
     with pytest.raises(ValueError, match="power-of-2 number of codes"):
@@ -394,10 +402,29 @@ def test_kernel_matches_reference_gpu(rng, case):
     assert _max_rel(out, ref) < MAX_TOL
 
 
+@pytest.mark.parametrize("candidate, has_fma", [("row_r16_bn128_w1_pf_t16_xf_fma", True),
+                                                 ("row_r16_bn128_w1_pf_t16_xf", False)])
+def test_fma_asm_lowers_to_ptx_fma(candidate, has_fma):
+    """Config.fma_asm reaches the Triton kernel as inline PTX (lowered for CUDA on any machine)."""
+    from jax import export
+
+    k, n = 1024, 256
+    s_rows = layout.slab_rows(k, 4, 128)
+    cfg = qk.choose_config(1, n, bits=4, group_size=128, in_features=k, candidate=candidate)
+    fn = functools.partial(qk.quant_matmul_pallas, zeros=None, bits=4, group_size=128, in_features=k,
+                           config=cfg)
+    specs = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct((s_rows, n), jnp.uint32),
+             jax.ShapeDtypeStruct((k // 128, n), jnp.bfloat16)]
+    text = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*specs).mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert ("fma.rn.f32" in text) == has_fma
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Pallas Triton kernels)")
 @pytest.mark.parametrize("mode", ["gemv_dot", "gemv_fma", "gemv_fma2", "gemv_red", "gemv_row",
-                                  "gemv_row-pf", "gemv_row-pf2", "gemv_row-xf", "gemv_dot-fast", "gemm-fast", "gemm-T", "gemm-S"])
+                                  "gemv_row-pf", "gemv_row-pf2", "gemv_row-xf", "gemv_row-xfa", "gemv_dot-fast", "gemm-fast", "gemm-T", "gemm-S"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_decode_modes_gpu(rng, mode, bits):
     m, k, n, g = 2, 1024, 520, 128  # ragged N
@@ -406,8 +433,8 @@ def test_decode_modes_gpu(rng, mode, bits):
     kw = dict(bits=bits, group_size=g, in_features=k)
     mode, _, flag = mode.partition("-")
     cfg = Config(mode, 16, 128, 16 if mode in ("gemv_red", "gemv_row") else 64, splits=2,
-                 fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2, "xf": True}.get(flag, False),
-                 x_f32=flag == "xf")
+                 fast_decode=flag == "fast", prefetch={"pf": True, "pf2": 2, "xf": True, "xfa": True}.get(flag, False),
+                 x_f32=flag in ("xf", "xfa"), fma_asm=flag == "xfa")
     if mode == "gemm":
         cfg = Config("gemm", 64, 64, 32, fast_decode=True, transposed=flag in ("T", "S"), stacked=flag == "S")
     out = qk.quant_matmul_pallas(x, packed, scales, zeros, config=cfg, **kw)
