@@ -177,10 +177,10 @@ def bench_prefill(args, rows, use_fla):
         kj, vj, bj = (jnp.asarray(x, jnp.bfloat16) for x in (k, v, beta))
         gj = jnp.asarray(g)
         case = f"prefill B={B} T={T}"
-        o_ref = None
+        o_ref = s_ref = None
         if not args.no_reference:
-            o_ref, _ = jax.jit(naive_recurrent_gated_delta_rule)(qj, kj, vj, gj, bj)
-            o_ref = np.asarray(o_ref, np.float32)
+            o_ref, s_ref = jax.jit(naive_recurrent_gated_delta_rule)(qj, kj, vj, gj, bj)
+            o_ref, s_ref = np.asarray(o_ref, np.float32), np.asarray(s_ref, np.float32)
         fla_o = None
         if use_fla:
             import torch
@@ -191,11 +191,11 @@ def bench_prefill(args, rows, use_fla):
             tg = torch.tensor(g, device="cuda")
             # scale=1: q is pre-scaled exactly as ours (fla's default would scale by K**-0.5 again)
             fla_fn = lambda: chunk_gated_delta_rule(tq, tk, tv, tg, tb, scale=1.0, output_final_state=True)  # noqa: E731
-            fla_o = fla_fn()[0].float().cpu().numpy()
+            fla_o, fla_s = (a.float().cpu().numpy() for a in fla_fn())
             dt = time_torch(fla_fn, reps=args.reps, inner=args.inner)
             rows.append({"case": case, "impl": "fla chunk (Triton)", "ms": dt * 1e3, "Mtok_s": B * T / dt / 1e6,
                          "TFLOP_s": FLOP_PER_TOKEN * B * T / dt / 1e12, "rel_err_vs_ref": rel_err(fla_o, o_ref),
-                         "rel_err_vs_fla": 0.0})
+                         "state_rel_err_vs_ref": rel_err(fla_s, s_ref), "rel_err_vs_fla": 0.0})
             print(rows[-1], flush=True)
         impls = args.impls.split(",")
         if n_shape > 0 and args.main_only:
@@ -206,7 +206,7 @@ def bench_prefill(args, rows, use_fla):
             fn = jax.jit(functools.partial(gated_delta_rule, **kw))
             try:
                 t0 = time.perf_counter()
-                o, _ = jax.block_until_ready(fn(qj, kj, vj, gj, bj))
+                o, s_fin = jax.block_until_ready(fn(qj, kj, vj, gj, bj))
                 compile_s = time.perf_counter() - t0
             except Exception as e:
                 print(f"{spec} {case} failed: {type(e).__name__}: {str(e)[:1500]}", flush=True)
@@ -214,7 +214,8 @@ def bench_prefill(args, rows, use_fla):
             t = time_pipelined(fn, qj, kj, vj, gj, bj, reps=args.reps, inner=args.inner)
             rows.append({"case": case, "impl": f"ours {label}", "spec": spec, "ms": t * 1e3, "Mtok_s": B * T / t / 1e6,
                          "TFLOP_s": FLOP_PER_TOKEN * B * T / t / 1e12, "rel_err_vs_ref": rel_err(o, o_ref),
-                         "rel_err_vs_fla": rel_err(o, fla_o), "compile_s": compile_s})
+                         "state_rel_err_vs_ref": rel_err(s_fin, s_ref), "rel_err_vs_fla": rel_err(o, fla_o),
+                         "compile_s": compile_s})
             print(rows[-1], flush=True)
         if args.pieces and n_shape == 0:
             bench_pieces(qj, kj, vj, gj, bj, case, rows, args)
@@ -408,11 +409,12 @@ def main(argv=None):
     if args.decode:
         bench_decode(args, rows, use_fla)
     print(f"\ngated delta rule, Hk={HK} Hv={HV} K={K} V={V}, bf16 inputs, fp32 state; {device_info()}")
-    shown = [{key: (f"{val:.1e}" if key.startswith("rel_err") and val is not None else val)
+    shown = [{key: (f"{val:.1e}" if "rel_err" in key and val is not None else val)
               for key, val in row.items()} for row in rows]
     print_table(shown, [("case", "case"), ("impl", "implementation"), ("ms", "ms"), ("us", "us"),
                        ("Mtok_s", "Mtok/s"), ("TFLOP_s", "TFLOP/s"), ("GB_s", "state GB/s"),
-                       ("rel_err_vs_ref", "rel. err vs scan"), ("rel_err_vs_fla", "rel. err vs fla")])
+                       ("rel_err_vs_ref", "rel. err vs scan"), ("state_rel_err_vs_ref", "state rel. err vs scan"),
+                       ("rel_err_vs_fla", "rel. err vs fla")])
     write_json(args.json, {"benchmark": "gated_delta", "device": device_info(), "rows": rows})
 
 

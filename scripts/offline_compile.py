@@ -110,14 +110,12 @@ def gated_delta_kernels(args):
     qk_ = sd((1, args.t, 16, 128), dt)
     shapes = (qk_, qk_, sd((1, args.t, 48, 128), dt), sd((1, args.t, 48), jnp.float32),
               sd((1, args.t, 48), dt))
-    # the library's defaults where not given (fp16_products, num_stages), resolved here so that
-    # the compile below gets the same stage count as the kernel
-    fp16 = args.fp16_products
-    if fp16 is None:
-        fp16 = kc.default_fp16_products((dt,) * 3, args.precision, fuse_products=args.fuse_products,
-                                        transposed=args.transposed, wide_products=args.wide_products,
-                                        stack_qk=args.stack_qk, bf16_products=args.bf16_products)
-    stages = args.num_stages or kc.default_num_stages((dt,) * 3, fp16, args.block_v, args.stack_qk)
+    # the library's defaults where not given, resolved here so that the compile below gets the
+    # same stage count as the kernel
+    fp16, stages = kc.resolve_defaults(
+        (dt,) * 3, args.precision, args.block_v, fp16_products=args.fp16_products,
+        num_stages=args.num_stages, fuse_products=args.fuse_products, transposed=args.transposed,
+        wide_products=args.wide_products, stack_qk=args.stack_qk, bf16_products=args.bf16_products)
     fn = lambda q, k, v, g, b: kc.chunk_gated_delta_rule_pallas(  # noqa: E731
         q, k, v, g, b, precision=args.precision, block_v=args.block_v, num_warps=args.num_warps, num_stages=stages,
         num_warps_intra=args.num_warps_intra, fuse_products=args.fuse_products,

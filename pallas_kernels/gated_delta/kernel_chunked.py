@@ -459,7 +459,9 @@ def default_fp16_products(dtypes, precision="bf16x3", *, fuse_products=False, tr
     all 16-bit floats, precision is "bf16x3" (the default; another precision is honoured as
     asked) and no other per-product option is given; else none. With 16-bit inputs
     their own rounding (bf16: 2^-8) already exceeds fp16's per-operand 2^-11, the error stays
-    within the issue's bounds (o 1.2e-3 with bf16 o, state 2.9e-4, on an H100 at (1, 4096)), and
+    within the issue's bounds (o 1.2e-3 with bf16 o at (1, 4096) on an H100,
+    `scripts/bench_gated_delta.py`; o before rounding 3.6e-4 and the final state 2.9e-4 in
+    interpret mode, NOTES.md run 11), and
     the state pass runs 5 dots per chunk with a 3-stage pipeline (NOTES.md run 12). fp32 inputs
     keep `precision` for every product (their bound is tighter)."""
     others = (fuse_products, transposed, wide_products, stack_qk, bf16_products)
@@ -470,7 +472,8 @@ def default_num_stages(dtypes, fp16_products, block_v: int, stack_qk: bool = Fal
     """What `num_stages=None` means for the state pass: its pipeline depth, the deepest that fits
     the H100's 227 KB of shared memory per block. fp32 q/k/v tiles are twice the size: 1 stage
     (2 stages need 246 KB at tf32x3 and BV=64 on an H100). 16-bit inputs with all five products
-    in fp16 (X and P then one fp16 tile each) and BV <= 64: 3 stages (157 KB offline at BV=64;
+    in fp16 (X and P then one fp16 tile each) and BV <= 64: 3 stages (BV=64: 157 KB offline, 181 KB
+    on the device by Nsight Compute;
     0.31 ms for the state pass at (1, 4096) against 0.38 at 2 stages, H100, NOTES.md run 12).
     Otherwise 2 (bf16x3's hi/lo X and P at 3 stages would need 296 KB)."""
     if any(jnp.dtype(d) not in SIXTEEN_BIT for d in dtypes):
@@ -479,6 +482,21 @@ def default_num_stages(dtypes, fp16_products, block_v: int, stack_qk: bool = Fal
             and block_v <= 64 and not stack_qk:
         return 3
     return 2
+
+
+def resolve_defaults(dtypes, precision, block_v: int, *, fp16_products=None, num_stages=None,
+                     fuse_products=False, transposed=False, wide_products=False, stack_qk=False,
+                     bf16_products=False):
+    """(fp16_products, num_stages) with None resolved by `default_fp16_products` and
+    `default_num_stages` for q, k, v of these `dtypes` (what `chunk_gated_delta_rule_pallas` and
+    scripts/offline_compile.py run)."""
+    if fp16_products is None:
+        fp16_products = default_fp16_products(
+            dtypes, precision, fuse_products=fuse_products, transposed=transposed,
+            wide_products=wide_products, stack_qk=stack_qk, bf16_products=bf16_products)
+    if num_stages is None:
+        num_stages = default_num_stages(dtypes, fp16_products, block_v, stack_qk)
+    return fp16_products, num_stages
 
 
 # fp16_products: v and h0 are rescaled so that their largest magnitude lies in [8, 16): fp16's
@@ -694,13 +712,10 @@ def chunk_gated_delta_rule_pallas(q, k, v, g, beta, initial_state=None, *, cu_se
     elif batch != 1:
         raise ValueError(f"with cu_seqlens the batch must be 1 (sequences packed along T), got B={batch}")
     first, starts, lens = chunk_table(cu_seqlens, total, chunk_size)
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    if fp16_products is None:
-        fp16_products = default_fp16_products(
-            dtypes, precision, fuse_products=fuse_products, transposed=transposed, wide_products=wide_products,
-            stack_qk=stack_qk, bf16_products=bf16_products)
-    if num_stages is None:
-        num_stages = default_num_stages(dtypes, fp16_products, block_v, stack_qk)
+    fp16_products, num_stages = resolve_defaults(
+        (q.dtype, k.dtype, v.dtype), precision, block_v, fp16_products=fp16_products,
+        num_stages=num_stages, fuse_products=fuse_products, transposed=transposed,
+        wide_products=wide_products, stack_qk=stack_qk, bf16_products=bf16_products)
     # Power-of-two feature dims for Triton (>= 16 for its dots); zero padding is exact.
     kp, vp = kc.pow2_at_least(key_dim), kc.pow2_at_least(value_dim)
     if not kc.is_pow2(block_v) or block_v < 16:

@@ -223,6 +223,10 @@ def test_default_fp16_products_and_stages():
     assert kcd.default_num_stages((bf, bf, bf), True, 128) == 2
     assert kcd.default_num_stages((bf, bf, bf), False, 64) == 2
     assert kcd.default_num_stages((f32, f32, f32), True, 64) == 1
+    # resolve_defaults fills only what is None
+    assert kcd.resolve_defaults((bf, bf, bf), "bf16x3", 64) == (True, 3)
+    assert kcd.resolve_defaults((bf, bf, bf), "bf16x3", 64, fp16_products=False) == (False, 2)
+    assert kcd.resolve_defaults((bf, bf, bf), "bf16x3", 64, num_stages=1) == (True, 1)
 
 
 @pytest.mark.parametrize("dtype, fp16", [(jnp.bfloat16, True), (jnp.float32, False)])
