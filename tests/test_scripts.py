@@ -220,3 +220,12 @@ def test_bench_quant_matmul_m1_candidates_flag():
         (None, "xla_bf16"), ("int4_g128", "row_r16_bn128_w1_pf_t16"), ("int4_g128", "row_r16_bn128_w1_pf_t16_xf"),
         ("int8_g32", "row_r16_bn128_w1_pf_t16"), ("int8_g32", "row_r16_bn128_w1_pf_t16_xf")]
     assert len(mod.sweep_m1_plan()) == 1 + 2 * (len(mod._M1_FIRST) + len(mod._M1_REST))
+
+
+def test_bench_quant_mosaic_lowers():
+    """The Mosaic int4 prefill bench lowers its configs (plain and split-K, symmetric and with
+    zero points) for CUDA on a CPU; the kernel's numerics are tested in
+    tests/pallas_kernels/quant_matmul/test_quant_mosaic.py."""
+    r = _run(ROOT / "scripts" / "bench_quant_mosaic.py", "--lower", "--configs", "256:64:3,128:64:4:2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("lowered") == 4, r.stdout

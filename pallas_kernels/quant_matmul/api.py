@@ -7,7 +7,11 @@ G groups (``layout.num_groups``). The packed layout is the one of ``layout.py``.
 Dispatch (``implementation=None``), on a GPU:
   * M <= 16 (decode): the Pallas split-K GEMV / skinny GEMM of ``kernel.py``;
   * 16 < M < XLA_DEQUANT_MIN_ROWS[bits]: the Pallas tiled GEMM;
-  * larger M (prefill): the weight is dequantized to bf16 in one memory-bound pass (the Pallas
+  * larger M (prefill), 4-bit codes, bf16 activations, on a Hopper GPU, where it measured faster
+    (``kernel_mosaic.preferred``: 512 rows, or up to 2,048 rows with N >= 10,240): the fused
+    Mosaic GPU kernel of ``kernel_mosaic.py`` ("mosaic"; the decoded weight is wgmma's register
+    operand, 1.12-1.17x XLA's bf16 GEMM at K=5120 -> N=34816);
+  * other large M: the weight is dequantized to bf16 in one memory-bound pass (the Pallas
     ``kernel.dequantize_pallas``) and XLA runs its own bf16 GEMM ("xla_dequant", see
     ``dequantize_then_dot``). At these sizes the pass is small next to the GEMM, and our
     Triton-lowered fused GEMMs (~270-370 TFLOP/s) lose to XLA's bf16 GEMM (~550-740); NOTES.md.
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import layout, reference
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla_dequant")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla_dequant", "mosaic")
 # Rows from which the default GPU path is "xla_dequant" (dequantization pass + XLA bf16 GEMM).
 # H100, K=5120 -> N=34816, M=512, device us (2026-12-06): bf16 GEMM 251; pass + GEMM int4 g128 466,
 # int8 g32 498; Pallas fused gemm int4 761, int8 g32 578; XLA's own dequantize fusion + GEMM 648 /
@@ -97,7 +101,9 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
       implementation: None (GPU: Pallas kernels, or "xla_dequant" for large M; elsewhere the
         reference), "reference" (fp32), "pallas" (the Pallas kernels at every M; raises if the
         shape is not covered), "pallas_interpret" (Pallas interpreter, for CPU tests) or
-        "xla_dequant" (XLA dequantizes to bf16 / f16, then a dot with fp32 accumulation).
+        "xla_dequant" (XLA dequantizes to bf16 / f16, then a dot with fp32 accumulation) or
+        "mosaic" (the fused Mosaic GPU kernel at any M; Hopper GPUs, 4-bit codes; raises if the
+        shape is not covered).
     """
     _validate(x, packed, scales, zeros, bits, group_size, in_features, implementation)
     lead = x.shape[:-1]
@@ -106,6 +112,19 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
     kwargs = dict(bits=bits, group_size=group_size, in_features=in_features)
     m = x2.shape[0]
 
+    if implementation == "mosaic" or (
+        implementation is None and _on_gpu() and m >= XLA_DEQUANT_MIN_ROWS[bits]
+        and x2.dtype == jnp.bfloat16 and _mosaic_preferred(m, n, **kwargs)
+    ):
+        from pallas_kernels.quant_matmul import kernel_mosaic
+
+        reason = kernel_mosaic.unsupported_reason(m, n, **kwargs)
+        if reason is None and not kernel_mosaic.available():
+            reason = "needs a Hopper (sm_90) GPU and jax's Pallas Mosaic GPU backend"
+        if reason is not None:
+            raise ValueError(f"the Mosaic quant_matmul kernel does not cover this call: {reason}")
+        out = kernel_mosaic.quant_matmul_mosaic(x2.astype(jnp.bfloat16), packed, scales, zeros, **kwargs)
+        return out.astype(x.dtype).reshape(lead + (n,))
     if implementation == "xla_dequant" or (
         implementation is None and _on_gpu() and m >= XLA_DEQUANT_MIN_ROWS[bits]
     ):
@@ -126,6 +145,12 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
             return out.reshape(lead + (n,))
     out = reference.quant_matmul_reference(x2, packed, scales, zeros, **kwargs)
     return out.reshape(lead + (n,))
+
+
+def _mosaic_preferred(m, n, **kwargs) -> bool:
+    from pallas_kernels.quant_matmul import kernel_mosaic
+
+    return kernel_mosaic.available() and kernel_mosaic.preferred(m, n, **kwargs)
 
 
 def dequantize_then_dot(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,

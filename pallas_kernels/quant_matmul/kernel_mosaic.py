@@ -1,0 +1,407 @@
+"""Prefill kernel for int4 weights on Hopper, written in Pallas Mosaic GPU (``plgpu``).
+
+Why a second backend: the Triton lowering keeps the decoded weight in shared memory (or pays layout
+conversions to get it into wgmma's register operand), and its bf16 ceiling alone is 1.21x cuBLAS at
+512 rows (NOTES round 4). Here the decoded weight never touches shared memory: it is built directly
+in registers as wgmma's **A operand**, so the product is computed transposed,
+
+    out^T [N, M] = W^T [N, K] @ x^T [K, M]      (weights are wgmma's M, tokens its N)
+
+and stored back transposed, so the caller sees ``out [M, N]``.
+
+**Which codes a thread needs.** In wgmma's register layout for A (``mgpu.WGMMA_LAYOUT``) the thread
+with lane ``l`` of warp ``w`` holds rows ``16 w + 8 h + l // 4`` (``h`` in {0, 1}) and, for every
+8-column tile ``ct``, the two columns ``8 ct + 2 (l % 4) + e`` (``e`` in {0, 1}) as one bf16x2
+register. Rows are output features ``n``; the columns are a reduction order of our choosing,
+because the activations are permuted to match once per call (an ``[M, K]`` transpose in XLA,
+``permute_activations``). The order chosen: register ``ct = t (p/2) + m`` of the thread with
+``q = l % 4`` holds, as element ``e``, the code in bit field ``j = m + e p/2`` of packed word
+``[r0 + 4 t + q, n]`` (``p`` codes per word; ``layout.py``'s slab packing puts that code at input
+row ``k = j S + r0 + 4 t + q``). So one thread reads whole 32-bit words from shared memory, and
+``(word >> bits m) & 0x000F000F`` puts fields ``m`` and ``m + 4`` in the two halves of a register:
+OR-ing ``0x43004300`` makes them the bf16 pair ``128 + c`` (exact), one subtraction of
+``128 + zero`` gives ``c - zero`` exactly and one multiplication by the scale pair gives the
+weight, rounded once to bf16 (the same rounding as ``dequantize_pallas`` + bf16 GEMM).
+
+**Scales.** A pipeline step reads ``R`` word rows, i.e. ``R`` rows in each of the ``p`` slabs, so
+its codes come from ``p`` quantization groups (one per slab). ``pair_scales`` lays the scales out
+once per call as ``uint32 [U, p/2, N]``: entry ``[u, m, n]`` packs the bf16 scales of fields
+``m`` and ``m + p/2`` for the ``u``-th block of ``min(group, S)`` slab rows, which is exactly the
+register pair above. Zero points (if any) travel the same way as ``128 + zero``.
+
+**Kernel structure.** Warp specialized (``plgpu.emit_pipeline_warp_specialized``): one memory
+warpgroup streams x, word and scale tiles with TMA into a ``stages``-deep ring; two compute
+warpgroups each own 64 output features of the CTA's 128 and all ``block_m`` tokens (an fp32
+accumulator of 64 x block_m). Per step each compute warpgroup decodes its A fragment (64 x D,
+``D = p R`` reduction rows) and issues one wgmma against the x tile in shared memory.
+
+Only 4-bit codes (``p = 8``) are supported; other widths and shapes this kernel does not cover
+(``unsupported_reason``) stay on the dequantize-then-GEMM path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels.quant_matmul import layout
+
+CTA_N = 128  # output features per CTA: two compute warpgroups x 64 (one wgmma M tile each)
+MAGIC = 0x43004300  # bf16 pair (128, 128); OR-ing a 4-bit code into each mantissa gives 128 + c
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """``block_m`` tokens per CTA (wgmma N, <= 256), ``depth`` reduction rows per pipeline step
+    (a multiple of 64: one 128-byte swizzled x row), ``stages`` TMA ring depth, ``splits`` CTAs
+    along the reduction (split-K: fp32 partial outputs summed by XLA; for grids that fill few of
+    the GPU's SMs; measured slower at every issue shape, NOTES round 11)."""
+
+    block_m: int = 256
+    depth: int = 64
+    stages: int = 3
+    splits: int = 1
+
+    @property
+    def name(self) -> str:
+        return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
+                + (f"_k{self.splits}" if self.splits > 1 else ""))
+
+
+def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
+    """``R``: packed word rows per pipeline step (``D / p``)."""
+    return cfg.depth // layout.codes_per_word(bits)
+
+
+def scale_block_rows(in_features: int, bits: int, group_size: int) -> int:
+    """Slab rows that share one scale row: ``group_size`` when groups tile a slab, else the slab."""
+    s = layout.slab_rows(in_features, bits, group_size)
+    if group_size < in_features and s % group_size == 0:
+        return group_size
+    return s
+
+
+def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_features: int,
+                       cfg: MosaicConfig = MosaicConfig()):
+    """None if the kernel covers this case, else why not (the caller falls back)."""
+    if bits != 4:
+        return f"bits={bits}: the Mosaic kernel decodes 4-bit codes only"
+    if n % CTA_N:
+        return f"N={n} is not a multiple of {CTA_N}"
+    if cfg.depth % 64 or cfg.block_m % 8 or not 8 <= cfg.block_m <= 256:
+        return f"config {cfg} (depth must be a multiple of 64, block_m a multiple of 8 <= 256)"
+    r = rows_per_step(bits, cfg)
+    s = layout.slab_rows(in_features, bits, group_size)
+    if s % r or scale_block_rows(in_features, bits, group_size) % r:
+        return f"slab rows {s} / group size {group_size} not a multiple of {r} word rows per step"
+    if (s // r) % cfg.splits:
+        return f"splits={cfg.splits} does not divide the {s // r} pipeline steps"
+    return None
+
+
+def available() -> bool:
+    """True on a Hopper GPU (sm_90: wgmma) whose jax has Pallas Mosaic GPU."""
+    try:
+        dev = jax.devices()[0]
+        if dev.platform != "gpu" or str(getattr(dev, "compute_capability", "")) != "9.0":
+            return False
+        from jax.experimental.pallas import mosaic_gpu  # noqa: F401
+    except Exception:  # noqa: BLE001 - no GPU backend / an older jax without plgpu
+        return False
+    return True
+
+
+def preferred(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the prefill dispatch (M >= 512 rows) should take this kernel over the
+    dequantization pass + XLA bf16 GEMM: where it measured faster on an H100 (NOTES round 11).
+
+    At 512 rows it wins at every issue shape; up to 2,048 rows where N >= 10,240 (a grid of at
+    least 80 CTA columns); from 4,096 rows, and at N = 5,120 beyond 512 rows, the pass + GEMM
+    path is faster (one CTA per 128 x 256 tile leaves SMs idle or a partial last wave).
+    """
+    if unsupported_reason(m, n, bits=bits, group_size=group_size, in_features=in_features):
+        return False
+    return m <= 512 or (m <= 2048 and n >= 10240)
+
+
+def permute_activations(x, *, bits: int, group_size: int, in_features: int, cfg: MosaicConfig):
+    """``x [M, K]`` -> ``x' [Mp, Kp]`` in the reduction order of the A fragments (module doc).
+
+    Rows are zero-padded to a multiple of ``block_m`` and columns to ``Kp``; column
+    ``c D + 8 (t p/2 + m) + 2 q + e`` of ``x'`` is column ``(m + e p/2) S + c R + 4 t + q`` of ``x``.
+    """
+    p = layout.codes_per_word(bits)
+    s = layout.slab_rows(in_features, bits, group_size)
+    r = rows_per_step(bits, cfg)
+    m_rows = x.shape[0]
+    mp = -(-m_rows // cfg.block_m) * cfg.block_m
+    x = jnp.pad(x, ((0, mp - m_rows), (0, p * s - in_features)))
+    x6 = x.reshape(mp, 2, p // 2, s // r, r // 4, 4)  # [M, e, m, c, t, q]
+    return x6.transpose(0, 3, 4, 2, 5, 1).reshape(mp, p * s)
+
+
+def _pairs_u32(lo, hi):
+    """Two bf16 arrays -> uint32 with ``lo`` in the low half (element 0 of a bf16x2 register)."""
+    lo = lax.bitcast_convert_type(lo.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    hi = lax.bitcast_convert_type(hi.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    return lo | (hi << 16)
+
+
+def pair_scales(scales, zeros, *, bits: int, group_size: int, in_features: int):
+    """Scales ``[G, N]`` (+ zeros) -> ``(sc, zb)``, each ``uint32 [U, p/2, N]`` or ``zb`` None.
+
+    ``sc[u, m, n]`` packs the bf16 scales of fields ``m`` and ``m + p/2`` for slab-row block ``u``;
+    ``zb`` likewise packs ``128 + zero`` (exact in bf16 for codes below 128).
+    """
+    p = layout.codes_per_word(bits)
+    s = layout.slab_rows(in_features, bits, group_size)
+    gsr = scale_block_rows(in_features, bits, group_size)
+    n_groups = scales.shape[0]
+    u = np.arange(s // gsr)
+    j = np.arange(p)
+    g = (j[None, :] * s + u[:, None] * gsr) // group_size  # [U, p]: group of field j in block u
+    g = np.minimum(g, n_groups - 1)  # per-channel: one group (group_size == K)
+    half = p // 2
+    sc = scales[g]  # [U, p, N]
+    sc = _pairs_u32(sc[:, :half], sc[:, half:])
+    if zeros is None:
+        return sc, None
+    zb = zeros.astype(jnp.float32)[g] + 128.0
+    return sc, _pairs_u32(zb[:, :half], zb[:, half:])
+
+
+def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int):
+    """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc).
+
+    ``w_ref`` is the step's ``uint32 [R, 128]`` word tile, ``sc_ref``/``zb_ref`` its
+    ``uint32 [1, p/2, 128]`` scale (and ``128 + zero``) pairs; ``zb_ref`` None means symmetric
+    codes (zero ``2**(bits - 1)``). Compute warpgroup ``g`` decodes columns ``[64 g, 64 g + 64)``.
+    """
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref
+
+    p = layout.codes_per_word(bits)
+    half = p // 2
+    words_per_thread = depth // (4 * p)
+
+    def body(_ctx, w, sc, *zb):
+        i32 = ir.IntegerType.get_signless(32)
+        index = ir.IndexType.get()
+        bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
+        c = lambda v: mu.c(v, i32)  # noqa: E731
+        tid = mu.thread_idx()
+        lane = arith.andi(tid, c(31))
+        q = arith.andi(lane, c(3))
+        warp = arith.andi(arith.shrui(tid, c(5)), c(3))
+        wg = arith.shrui(tid, c(7))
+        n0 = arith.addi(arith.addi(arith.muli(wg, c(64)), arith.muli(warp, c(16))),
+                        arith.shrui(lane, c(2)))
+        as_pair = lambda v: mu.bitcast(v, bf16x2)  # noqa: E731
+        ix = lambda v: arith.index_cast(index, v)  # noqa: E731
+        shape = (64, depth)
+        reg_shape = mgpu.WGMMA_LAYOUT.registers_shape(shape)
+        regs = np.empty(reg_shape, dtype=object)
+        if zb:
+            zb_const = None
+        else:  # symmetric: 128 + 2**(bits-1) in both halves
+            zval = 128 + 2 ** (bits - 1)
+            zbits = int(np.array([zval, zval], np.float32).astype(jnp.bfloat16).view(np.uint16)
+                        .astype(np.uint32) @ np.array([1, 1 << 16], np.uint32))
+            zb_const = as_pair(c(zbits - (1 << 32) if zbits >= 1 << 31 else zbits))
+        mask = c((1 << bits) - 1 | ((1 << bits) - 1) << 16)
+        magic = c(MAGIC)
+        for h in range(2):
+            n = ix(arith.addi(n0, c(8 * h)))
+            scale = [as_pair(memref.load(sc, [ix(c(0)), ix(c(m)), n])) for m in range(half)]
+            zero = ([as_pair(memref.load(zb[0], [ix(c(0)), ix(c(m)), n])) for m in range(half)]
+                    if zb else [zb_const] * half)
+            for t in range(words_per_thread):
+                word = memref.load(w, [ix(arith.addi(q, c(4 * t))), n])
+                for m in range(half):
+                    v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
+                    val = arith.mulf(arith.subf(as_pair(v), zero[m]), scale[m])
+                    idx = [0] * len(reg_shape)
+                    idx[1] = t * half + m
+                    idx[4] = h
+                    regs[tuple(idx)] = val
+        assert all(r is not None for r in regs.flat), "fragment register left unset"
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    refs = (w_ref, sc_ref) + ((zb_ref,) if zb_ref is not None else ())
+    fn = plgpu.inline_mgpu(
+        arg_types=tuple(plgpu.RefType() for _ in refs),
+        return_type=plgpu.ShapeDtypeStruct((64, depth), jnp.bfloat16, plgpu.Layout.WGMMA),
+    )(body)
+    return fn(*refs)
+
+
+def _check_layout_assumptions():
+    """The register indexing in ``_decode_fragment`` assumes this WGMMA layout tiling."""
+    import jax.experimental.mosaic.gpu as mgpu
+    got = mgpu.WGMMA_LAYOUT.registers_shape((64, 64))
+    if got != (1, 8, 1, 1, 2, 1, 1, 1, 1):
+        raise NotImplementedError(f"unexpected WGMMA register layout {got} in this jax version")
+
+
+def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
+                        cfg: MosaicConfig = MosaicConfig(), out_dtype=None):
+    """``x [M, K] (bf16) @ W`` with W the packed int4 weight -> ``[M, N]``; Hopper GPUs only."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    _check_layout_assumptions()
+    m_rows, k = x.shape
+    n = packed.shape[1]
+    if k != in_features:
+        raise ValueError(f"x has {k} input features, the weight {in_features}")
+    why = unsupported_reason(m_rows, n, bits=bits, group_size=group_size, in_features=in_features,
+                             cfg=cfg)
+    if why:
+        raise NotImplementedError(why)
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    p = layout.codes_per_word(bits)
+    half = p // 2
+    r = rows_per_step(bits, cfg)
+    gsr = scale_block_rows(in_features, bits, group_size)
+    xp = permute_activations(x.astype(jnp.bfloat16), bits=bits, group_size=group_size,
+                             in_features=in_features, cfg=cfg)
+    sc, zb = pair_scales(scales, zeros, bits=bits, group_size=group_size, in_features=in_features)
+    mp, kp = xp.shape
+    bm, d = cfg.block_m, cfg.depth
+    splits = cfg.splits
+    steps = kp // d // splits  # pipeline steps per CTA
+    has_zeros = zb is not None
+
+    x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    o_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+    def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
+        zb_gmem = rest[0] if has_zeros else None
+        out_gmem = rest[-1]
+        ni = lax.axis_index("n")
+        mi = lax.axis_index("m")
+        wg = lax.axis_index("wg")
+        c0 = lax.axis_index("k") * steps  # first pipeline step of this CTA's reduction range
+
+        def step(_, x_smem, w_smem, sc_smem, *more):
+            zb_smem = more[0] if has_zeros else None
+            acc_ref = more[-1]
+            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d)
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem, (1, 0)))
+            # wait here: keeping one wgmma in flight (wait(1), inputs released a step late) gave
+            # wrong results on the H100 (NOTES round 11); the two warpgroups overlap each other
+            plgpu.wgmma_wait(0)
+            return acc_ref
+
+        def store_bf16(acc, o_smem):  # out [Mp, N]: the accumulator is out^T, stored transposed
+            o = o_smem.at[wg]
+            plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
+                acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                o, out_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * CTA_N + wg * 64, 64)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def store_partial(acc, o_smem):  # fp32 out^T [splits, N, Mp] in 32-token chunks
+            o = o_smem.at[wg]
+            for j in range(bm // 32):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                o[...] = acc[:, j * 32:(j + 1) * 32]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"),
+                                                       pl.ds(ni * CTA_N + wg * 64, 64),
+                                                       pl.ds(mi * bm + j * 32, 32)])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def context(run):
+            acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, bm)))
+            pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
+                          o_alloc, collective_axes=("wg",))
+
+        specs = [
+            plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
+            plgpu.BlockSpec((r, CTA_N), lambda c: (c0 + c, ni)),
+            plgpu.BlockSpec((1, half, CTA_N), lambda c: (((c0 + c) * r) // gsr, 0, ni)),
+        ]
+        if has_zeros:
+            specs.append(plgpu.BlockSpec((1, half, CTA_N), lambda c: (((c0 + c) * r) // gsr, 0, ni)))
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
+            max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
+            compute_context=context,
+        )(xp_gmem, w_gmem, sc_gmem, *((zb_gmem,) if has_zeros else ()))
+
+        @pl.when(wg == 2)
+        def _():  # the memory warpgroup takes part in the collective allocation of the store
+            pl.run_scoped(lambda _: None, o_alloc, collective_axes=("wg",))
+
+    if splits > 1:
+        o_alloc = plgpu.SMEM((2, 64, 32), jnp.float32,
+                             transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+        out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
+    else:
+        o_alloc = plgpu.SMEM((2, bm, 64), out_dtype, transforms=o_transforms)
+        out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    call = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(n // CTA_N, mp // bm, splits),
+        grid_names=("n", "m", "k"),
+        num_threads=3,
+        thread_name="wg",
+    )
+    args = (xp, packed, sc)
+    if has_zeros:
+        args += (zb,)
+    out = call(*args)
+    if splits > 1:  # one XLA fusion: sum of the fp32 partials, transpose, cast
+        return out.sum(axis=0)[:, :m_rows].T.astype(out_dtype)
+    return out[:m_rows]
+
+
+def emulate(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
+            cfg: MosaicConfig = MosaicConfig()):
+    """The kernel's arithmetic in plain jnp (CPU-testable): permuted activations times A fragments
+    rebuilt from the words exactly as ``_decode_fragment`` does, fp32 accumulation."""
+    p = layout.codes_per_word(bits)
+    half = p // 2
+    r = rows_per_step(bits, cfg)
+    s = layout.slab_rows(in_features, bits, group_size)
+    gsr = scale_block_rows(in_features, bits, group_size)
+    xp = permute_activations(x.astype(jnp.bfloat16), bits=bits, group_size=group_size,
+                             in_features=in_features, cfg=cfg)
+    sc, zb = pair_scales(scales, zeros, bits=bits, group_size=group_size, in_features=in_features)
+    n = packed.shape[1]
+    steps = s // r
+    words = packed.astype(jnp.uint32).reshape(steps, r // 4, 4, n)  # [c, t, q, n]
+    u_of_c = (np.arange(steps) * r) // gsr
+    mask = jnp.uint32((1 << bits) - 1 | ((1 << bits) - 1) << 16)
+
+    def unpair(v):  # uint32 -> bf16 [..., 2] (element 0 = low half)
+        lo = lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.bfloat16)
+        hi = lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), jnp.bfloat16)
+        return jnp.stack([lo, hi], axis=-1)
+
+    cols = []
+    for m in range(half):
+        v = unpair(((words >> (bits * m)) & mask) | jnp.uint32(MAGIC))  # [c, t, q, n, e]
+        scale = unpair(sc[u_of_c, m])[:, None, None]  # [c, 1, 1, n, e]
+        if zb is None:
+            zero = jnp.bfloat16(128 + 2 ** (bits - 1))
+        else:
+            zero = unpair(zb[u_of_c, m])[:, None, None]
+        cols.append(((v - zero).astype(jnp.bfloat16) * scale).astype(jnp.bfloat16))
+    a = jnp.stack(cols, axis=2)  # [c, t, m, q, n, e]
+    a = a.transpose(0, 1, 2, 3, 5, 4).reshape(p * s, n)  # rows in x' column order
+    out = jnp.dot(xp.astype(jnp.float32), a.astype(jnp.float32),
+                  precision=lax.Precision.HIGHEST)
+    return out[: x.shape[0]].astype(x.dtype)

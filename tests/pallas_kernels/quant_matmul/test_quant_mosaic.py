@@ -1,0 +1,138 @@
+"""The Mosaic GPU int4 prefill kernel (``kernel_mosaic.py``): its reduction order and scale pairs
+checked on the CPU through ``emulate`` (the kernel's arithmetic in jnp), its lowering for CUDA
+checked on the CPU, and the compiled kernel checked on a Hopper GPU (``gpu`` marker)."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.quant_matmul import layout, quant_matmul, quant_matmul_reference
+from pallas_kernels.quant_matmul import kernel_mosaic as km
+
+from tests.pallas_kernels.quant_matmul.test_quant_matmul import MAX_TOL, REL_TOL, _max_rel, _rel, make_case  # same error budget
+
+ON_HOPPER = km.available()
+
+# (M, K, N, group_size, zeros): ragged M (not a multiple of block_m), groups tiling a slab (g32,
+# g64, g128), a slab inside one group (K=1024, g128: S=128), per-channel, K=5120 as in the 27B.
+CASES = [(37, 1024, 256, 128, False), (5, 5120, 384, 128, True), (130, 640, 128, 640, False),
+         (300, 768, 256, 32, True), (64, 512, 128, 64, False)]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
+def test_emulated_kernel_matches_reference(rng, case):
+    m, k, n, gs, z = case
+    _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    assert km.unsupported_reason(m, n, bits=4, group_size=gs, in_features=k) is None
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k)
+    out = km.emulate(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k)
+    assert out.shape == (m, n)
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+
+
+def test_permutation_is_the_documented_order():
+    """x' column c D + 8 (t p/2 + m) + 2 q + e holds x column (m + e p/2) S + c R + 4 t + q."""
+    k, gs, cfg = 1024, 128, km.MosaicConfig()
+    s, r, p = layout.slab_rows(k, 4, gs), km.rows_per_step(4, cfg), 8
+    x = jnp.arange(k, dtype=jnp.float32)[None, :]
+    xp = np.asarray(km.permute_activations(x, bits=4, group_size=gs, in_features=k, cfg=cfg))
+    assert xp.shape == (cfg.block_m, p * s)
+    assert not xp[1:].any()  # padding rows are zero
+    for c in range(s // r):
+        for t in range(r // 4):
+            for m in range(p // 2):
+                for q in range(4):
+                    for e in range(2):
+                        col = c * cfg.depth + 8 * (t * (p // 2) + m) + 2 * q + e
+                        assert xp[0, col] == (m + e * p // 2) * s + c * r + 4 * t + q
+    assert sorted(xp[0].astype(int)) == list(range(k))  # a permutation
+
+
+def test_scale_pairs_hold_the_fields_groups(rng):
+    k, n, gs = 5120, 128, 128  # S = 640 = 5 groups per slab
+    _, _, scales, zeros = make_case(rng, k, n, 4, gs, True)
+    sc, zb = km.pair_scales(scales, zeros, bits=4, group_size=gs, in_features=k)
+    s = layout.slab_rows(k, 4, gs)
+    assert sc.shape == zb.shape == (s // gs, 4, n) and sc.dtype == jnp.uint32
+    lo = lambda v: np.asarray(jax.lax.bitcast_convert_type((v & 0xFFFF).astype(jnp.uint16), jnp.bfloat16), np.float32)  # noqa: E731
+    hi = lambda v: np.asarray(jax.lax.bitcast_convert_type((v >> 16).astype(jnp.uint16), jnp.bfloat16), np.float32)  # noqa: E731
+    s32 = np.asarray(scales.astype(jnp.float32))
+    for u in range(s // gs):
+        for m in range(4):
+            np.testing.assert_array_equal(lo(sc[u, m]), s32[(m * s + u * gs) // gs])
+            np.testing.assert_array_equal(hi(sc[u, m]), s32[((m + 4) * s + u * gs) // gs])
+            np.testing.assert_array_equal(hi(zb[u, m]), 128.0 + np.asarray(zeros[((m + 4) * s + u * gs) // gs], np.float32))
+
+
+def test_unsupported_cases_are_named():
+    kw = dict(group_size=128, in_features=5120)
+    assert "4-bit" in km.unsupported_reason(512, 34816, bits=8, **kw)
+    assert "multiple of 128" in km.unsupported_reason(512, 1000, bits=4, **kw)
+    assert "splits=3" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(splits=3), **kw)
+    assert "group size 4" in km.unsupported_reason(512, 256, bits=4, group_size=4, in_features=512)
+    with pytest.raises(NotImplementedError, match="4-bit"):
+        km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((128, 128), jnp.uint32),
+                               jnp.ones((4, 128), jnp.bfloat16), None, bits=8, group_size=128,
+                               in_features=512)
+
+
+def test_dispatch_rule():
+    kw = dict(bits=4, group_size=128, in_features=5120)
+    assert km.preferred(512, 5120, **kw) and km.preferred(2048, 34816, **kw)
+    assert not km.preferred(1024, 5120, **kw) and not km.preferred(4096, 34816, **kw)
+    assert not km.preferred(512, 34816, bits=8, group_size=128, in_features=5120)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the error off Hopper")
+def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
+    _, packed, scales, _ = make_case(rng, 512, 128, 4, 128, False)
+    x = jnp.zeros((8, 512), jnp.bfloat16)
+    with pytest.raises(ValueError, match="Hopper"):
+        quant_matmul(x, packed, scales, None, bits=4, group_size=128, in_features=512,
+                     implementation="mosaic")
+
+
+@pytest.mark.parametrize("cfg,zeros", [(km.MosaicConfig(), False), (km.MosaicConfig(128, 64, 3, 2), True)],
+                         ids=["default-sym", "m128-split2-zeros"])
+def test_lowers_for_cuda(cfg, zeros):
+    """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
+    GPU on any host; catches layout and shape errors without a GPU."""
+    sd = jax.ShapeDtypeStruct
+    k, n, gs = 1024, 256, 128
+    g = layout.num_groups(k, 4, gs)
+    f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=4, group_size=gs,
+                                                          in_features=k, cfg=cfg))
+    lowered = f.trace(sd((300, k), jnp.bfloat16), sd((layout.slab_rows(k, 4, gs), n), jnp.uint32),
+                      sd((g, n), jnp.bfloat16), sd((g, n), jnp.uint8) if zeros else None
+                      ).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
+@pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 128, True)],
+                         ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
+@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2)], ids=lambda c: c.name)
+def test_kernel_matches_reference_gpu(rng, case, cfg):
+    m, k, n, gs, z = case
+    _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    if km.unsupported_reason(m, n, bits=4, group_size=gs, in_features=k, cfg=cfg):
+        pytest.skip("config does not cover the case")
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k)
+    out = jax.jit(lambda *a: km.quant_matmul_mosaic(*a, bits=4, group_size=gs, in_features=k, cfg=cfg))(
+        x, packed, scales, zeros)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+    via_api = quant_matmul(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k,
+                           implementation="mosaic")
+    np.testing.assert_array_equal(np.asarray(via_api, np.float32), np.asarray(
+        km.quant_matmul_mosaic(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k), np.float32))
