@@ -54,17 +54,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="512,4096")
     ap.add_argument("--configs", default="256:64:3,128:64:4,256:64:4,128:128:3",
-                    help="block_m:depth:stages[:splits], comma list; the first two also run the checks")
+                    help="block_m:depth:stages[:splits][t: token_split], comma list; the first two also run the checks")
     ap.add_argument("--all-shapes", action="store_true", help="every issue shape (time only: the checks run first)")
     ap.add_argument("--shapes", default=None, help="K:N comma list instead of the first / all issue shapes")
     ap.add_argument("--sweep", action="store_true",
-                    help="time block_m in {256, 128} x split-K in {1, 2, 3, 4, 6, 8} (split-K up to 6 waves of CTAs)")
+                    help="time block_m in {256, 128} x token_split x split-K in {1, 2, 3, 4, 6, 8} (split-K up to 6 waves of CTAs)")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--max-splits", type=int, default=8, help="largest split-K in --sweep")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--lower", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cfgs = [km.MosaicConfig(*map(int, c.split(":"))) for c in args.configs.split(",")]
+    cfgs = [km.MosaicConfig(*map(int, c.rstrip("t").split(":")), token_split=c.endswith("t"))
+            for c in args.configs.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.lower:
         sd = jax.ShapeDtypeStruct
@@ -124,11 +126,13 @@ def main(argv=None):
             out_rows.append({**base, "impl": "pass + bf16 GEMM", "us": p, "x_bf16": p / bf16})
             print(out_rows[-2], out_rows[-1], flush=True)
             cands = cfgs
-            if args.sweep:  # block_m x splits, the splits that divide the pipeline steps
-                cands = [km.MosaicConfig(bm, 64, 3, sp) for bm in (256, 128) for sp in (1, 2, 3, 4, 6, 8)
+            if args.sweep:  # block_m x token_split x split-K (the splits that divide the steps)
+                cands = [km.MosaicConfig(bm, 64, 3, sp, ts) for bm in (256, 128) for ts in (False, True)
+                         for sp in (1, 2, 3, 4, 6, 8)
                          if km.unsupported_reason(m, n, bits=4, group_size=128, in_features=k,
-                                                  cfg=km.MosaicConfig(bm, 64, 3, sp)) is None
-                         and (sp == 1 or (n // km.CTA_N) * -(-m // bm) * sp <= 6 * 132)]
+                                                  cfg=km.MosaicConfig(bm, 64, 3, sp, ts)) is None
+                         and (sp == 1 or (n // (64 if ts else 128)) * -(-m // bm) * sp <= 6 * 132)
+                         and sp <= args.max_splits]
             for cfg in cands:
                 try:
                     f = jax.jit(lambda *a, cfg=cfg: km.quant_matmul_mosaic(

@@ -51,7 +51,6 @@ from jax import lax
 
 from pallas_kernels.quant_matmul import layout
 
-CTA_N = 128  # output features per CTA: two compute warpgroups x 64 (one wgmma M tile each)
 MAGIC = 0x43004300  # bf16 pair (128, 128); OR-ing a 4-bit code into each mantissa gives 128 + c
 
 
@@ -60,17 +59,26 @@ class MosaicConfig:
     """``block_m`` tokens per CTA (wgmma N, <= 256), ``depth`` reduction rows per pipeline step
     (a multiple of 64: one 128-byte swizzled x row), ``stages`` TMA ring depth, ``splits`` CTAs
     along the reduction (split-K: fp32 partial outputs summed by XLA; for grids that fill few of
-    the GPU's SMs; measured slower at every issue shape, NOTES round 11)."""
+    the GPU's SMs; measured slower at every issue shape, NOTES round 11), ``token_split``: the two
+    compute warpgroups take ``block_m / 2`` tokens each of the same 64 output features (twice the
+    CTAs of the default, where they take 64 features each of all ``block_m`` tokens)."""
 
     block_m: int = 256
     depth: int = 64
     stages: int = 3
     splits: int = 1
+    token_split: bool = False
+
+    @property
+    def cta_n(self) -> int:
+        """Output features per CTA: 2 x 64 (warpgroups split the features), or 64 (they split
+        the tokens and decode the same 64 features)."""
+        return 64 if self.token_split else 128
 
     @property
     def name(self) -> str:
         return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
-                + (f"_k{self.splits}" if self.splits > 1 else ""))
+                + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -91,10 +99,11 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
     """None if the kernel covers this case, else why not (the caller falls back)."""
     if bits != 4:
         return f"bits={bits}: the Mosaic kernel decodes 4-bit codes only"
-    if n % CTA_N:
-        return f"N={n} is not a multiple of {CTA_N}"
-    if cfg.depth % 64 or cfg.block_m % 8 or not 8 <= cfg.block_m <= 256:
-        return f"config {cfg} (depth must be a multiple of 64, block_m a multiple of 8 <= 256)"
+    if n % cfg.cta_n:
+        return f"N={n} is not a multiple of {cfg.cta_n}"
+    if cfg.depth % 64 or cfg.block_m % (16 if cfg.token_split else 8) or not 8 <= cfg.block_m <= 256:
+        return (f"config {cfg} (depth must be a multiple of 64, block_m a multiple of 8 <= 256, of 16 "
+                "with token_split)")
     r = rows_per_step(bits, cfg)
     s = layout.slab_rows(in_features, bits, group_size)
     if s % r or scale_block_rows(in_features, bits, group_size) % r:
@@ -175,12 +184,13 @@ def pair_scales(scales, zeros, *, bits: int, group_size: int, in_features: int):
     return sc, _pairs_u32(zb[:, :half], zb[:, half:])
 
 
-def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int):
+def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True):
     """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc).
 
     ``w_ref`` is the step's ``uint32 [R, 128]`` word tile, ``sc_ref``/``zb_ref`` its
     ``uint32 [1, p/2, 128]`` scale (and ``128 + zero``) pairs; ``zb_ref`` None means symmetric
-    codes (zero ``2**(bits - 1)``). Compute warpgroup ``g`` decodes columns ``[64 g, 64 g + 64)``.
+    codes (zero ``2**(bits - 1)``). Compute warpgroup ``g`` decodes columns ``[64 g, 64 g + 64)``
+    (``by_warpgroup``), else both decode columns ``[0, 64)``.
     """
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mu
@@ -201,8 +211,9 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int):
         q = arith.andi(lane, c(3))
         warp = arith.andi(arith.shrui(tid, c(5)), c(3))
         wg = arith.shrui(tid, c(7))
-        n0 = arith.addi(arith.addi(arith.muli(wg, c(64)), arith.muli(warp, c(16))),
-                        arith.shrui(lane, c(2)))
+        n0 = arith.addi(arith.muli(warp, c(16)), arith.shrui(lane, c(2)))
+        if by_warpgroup:
+            n0 = arith.addi(n0, arith.muli(wg, c(64)))
         as_pair = lambda v: mu.bitcast(v, bf16x2)  # noqa: E731
         ix = lambda v: arith.index_cast(index, v)  # noqa: E731
         shape = (64, depth)
@@ -278,6 +289,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     mp, kp = xp.shape
     bm, d = cfg.block_m, cfg.depth
     splits = cfg.splits
+    ts, cta_n = cfg.token_split, cfg.cta_n
+    wm = bm // 2 if ts else bm  # tokens per compute warpgroup
     steps = kp // d // splits  # pipeline steps per CTA
     has_zeros = zb is not None
 
@@ -295,12 +308,19 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         def step(_, x_smem, w_smem, sc_smem, *more):
             zb_smem = more[0] if has_zeros else None
             acc_ref = more[-1]
-            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d)
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_smem, (1, 0)))
+            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d, by_warpgroup=not ts)
+            x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
+            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_wg, (1, 0)))
             # wait here: keeping one wgmma in flight (wait(1), inputs released a step late) gave
             # wrong results on the H100 (NOTES round 11); the two warpgroups overlap each other
             plgpu.wgmma_wait(0)
             return acc_ref
+
+        def rows(size, start=0):  # this warpgroup's tokens
+            return pl.ds(mi * bm + (wg * wm if ts else 0) + start, size)
+
+        def cols():  # this warpgroup's output features
+            return pl.ds(ni * cta_n + (0 if ts else wg * 64), 64)
 
         def store_bf16(acc, o_smem):  # out [Mp, N]: the accumulator is out^T, stored transposed
             o = o_smem.at[wg]
@@ -308,32 +328,30 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(
-                o, out_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * CTA_N + wg * 64, 64)])
+                o, out_gmem.at[rows(wm), cols()])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def store_partial(acc, o_smem):  # fp32 out^T [splits, N, Mp] in 32-token chunks
             o = o_smem.at[wg]
-            for j in range(bm // 32):
+            for j in range(wm // 32):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                 o[...] = acc[:, j * 32:(j + 1) * 32]
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"),
-                                                       pl.ds(ni * CTA_N + wg * 64, 64),
-                                                       pl.ds(mi * bm + j * 32, 32)])
+                plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"), cols(), rows(32, j * 32)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def context(run):
-            acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, bm)))
+            acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
             pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
                           o_alloc, collective_axes=("wg",))
 
         specs = [
             plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
-            plgpu.BlockSpec((r, CTA_N), lambda c: (c0 + c, ni)),
-            plgpu.BlockSpec((1, half, CTA_N), lambda c: (((c0 + c) * r) // gsr, 0, ni)),
+            plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni)),
+            plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni)),
         ]
         if has_zeros:
-            specs.append(plgpu.BlockSpec((1, half, CTA_N), lambda c: (((c0 + c) * r) // gsr, 0, ni)))
+            specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni)))
         plgpu.emit_pipeline_warp_specialized(
             step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
             max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
@@ -349,12 +367,12 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                              transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
         out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
     else:
-        o_alloc = plgpu.SMEM((2, bm, 64), out_dtype, transforms=o_transforms)
+        o_alloc = plgpu.SMEM((2, wm, 64), out_dtype, transforms=o_transforms)
         out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
     call = plgpu.kernel(
         kernel,
         out_type=out_type,
-        grid=(n // CTA_N, mp // bm, splits),
+        grid=(n // cta_n, mp // bm, splits),
         grid_names=("n", "m", "k"),
         num_threads=3,
         thread_name="wg",

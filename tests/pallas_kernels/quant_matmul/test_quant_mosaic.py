@@ -76,6 +76,9 @@ def test_unsupported_cases_are_named():
     kw = dict(group_size=128, in_features=5120)
     assert "4-bit" in km.unsupported_reason(512, 34816, bits=8, **kw)
     assert "multiple of 128" in km.unsupported_reason(512, 1000, bits=4, **kw)
+    assert km.unsupported_reason(512, 192, bits=4, cfg=km.MosaicConfig(token_split=True), **kw) is None
+    assert "of 16 with token_split" in km.unsupported_reason(512, 192, bits=4, cfg=km.MosaicConfig(
+        block_m=8, token_split=True), **kw)
     assert "splits=3" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(splits=3), **kw)
     assert "group size 4" in km.unsupported_reason(512, 256, bits=4, group_size=4, in_features=512)
     with pytest.raises(NotImplementedError, match="4-bit"):
@@ -100,8 +103,9 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                      implementation="mosaic")
 
 
-@pytest.mark.parametrize("cfg,zeros", [(km.MosaicConfig(), False), (km.MosaicConfig(128, 64, 3, 2), True)],
-                         ids=["default-sym", "m128-split2-zeros"])
+@pytest.mark.parametrize("cfg,zeros", [(km.MosaicConfig(), False), (km.MosaicConfig(128, 64, 3, 2), True),
+                                       (km.MosaicConfig(token_split=True), True)],
+                         ids=["default-sym", "m128-split2-zeros", "token-split-zeros"])
 def test_lowers_for_cuda(cfg, zeros):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
     GPU on any host; catches layout and shape errors without a GPU."""
@@ -120,7 +124,8 @@ def test_lowers_for_cuda(cfg, zeros):
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
 @pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 128, True)],
                          ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
-@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2)], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2),
+                                 km.MosaicConfig(token_split=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
