@@ -21,7 +21,8 @@ row ``k = j S + r0 + 4 t + q``). So one thread reads whole 32-bit words from sha
 ``(word >> bits m) & 0x000F000F`` puts fields ``m`` and ``m + 4`` in the two halves of a register:
 OR-ing ``0x43004300`` makes them the bf16 pair ``128 + c`` (exact), one subtraction of
 ``128 + zero`` gives ``c - zero`` exactly and one multiplication by the scale pair gives the
-weight, rounded once to bf16 (the same rounding as ``dequantize_pallas`` + bf16 GEMM).
+weight, rounded once to bf16 (with bf16 scales the same rounding as ``dequantize_pallas`` + bf16
+GEMM; fp16 / fp32 scales are rounded to bf16 first, a second relative error of at most 2**-9).
 
 **Scales.** A pipeline step reads ``R`` word rows, i.e. ``R`` rows in each of the ``p`` slabs, so
 its codes come from ``p`` quantization groups (one per slab). ``pair_scales`` lays the scales out

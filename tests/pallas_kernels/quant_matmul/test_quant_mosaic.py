@@ -38,6 +38,17 @@ def test_emulated_kernel_matches_reference(rng, case):
     assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
 
 
+@pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.float32])
+def test_emulated_kernel_with_wider_scales(rng, scale_dtype):
+    """fp16 / fp32 scales (GPTQ checkpoints store fp16) are rounded to bf16 before the product: a
+    second 2**-9 relative rounding per weight, still far inside REL_TOL."""
+    _, packed, scales, zeros = make_case(rng, 1024, 256, 4, 128, True, scale_dtype=scale_dtype)
+    x = jnp.asarray(rng.standard_normal((40, 1024)), jnp.bfloat16)
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=4, group_size=128, in_features=1024)
+    out = km.emulate(x, packed, scales, zeros, bits=4, group_size=128, in_features=1024)
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+
+
 def test_permutation_is_the_documented_order():
     """x' column c D + 8 (t p/2 + m) + 2 q + e holds x column (m + e p/2) S + c R + 4 t + q."""
     k, gs, cfg = 1024, 128, km.MosaicConfig()
