@@ -102,8 +102,8 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
         reference), "reference" (fp32), "pallas" (the Pallas kernels at every M; raises if the
         shape is not covered), "pallas_interpret" (Pallas interpreter, for CPU tests) or
         "xla_dequant" (XLA dequantizes to bf16 / f16, then a dot with fp32 accumulation) or
-        "mosaic" (the fused Mosaic GPU kernel at any M; Hopper GPUs, 4-bit codes; raises if the
-        shape is not covered).
+        "mosaic" (the fused Mosaic GPU kernel at any M, activations cast to bf16; Hopper GPUs,
+        4-bit codes; raises if the shape is not covered).
     """
     _validate(x, packed, scales, zeros, bits, group_size, in_features, implementation)
     lead = x.shape[:-1]

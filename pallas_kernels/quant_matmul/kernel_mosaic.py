@@ -220,13 +220,8 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         shape = (64, depth)
         reg_shape = mgpu.WGMMA_LAYOUT.registers_shape(shape)
         regs = np.empty(reg_shape, dtype=object)
-        if zb:
-            zb_const = None
-        else:  # symmetric: 128 + 2**(bits-1) in both halves
-            zval = 128 + 2 ** (bits - 1)
-            zbits = int(np.array([zval, zval], np.float32).astype(jnp.bfloat16).view(np.uint16)
-                        .astype(np.uint32) @ np.array([1, 1 << 16], np.uint32))
-            zb_const = as_pair(c(zbits - (1 << 32) if zbits >= 1 << 31 else zbits))
+        z = 2 ** (bits - 1)  # symmetric codes: 128 + zero in both halves, the magic's own trick
+        zb_const = None if zb else as_pair(c(MAGIC | z | z << 16))
         mask = c((1 << bits) - 1 | ((1 << bits) - 1) << 16)
         magic = c(MAGIC)
         for h in range(2):
