@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import dequantize_then_dot, layout
-from pallas_kernels.quant_matmul.api import XLA_DEQUANT_MIN_ROWS
+from pallas_kernels.quant_matmul.api import XLA_DEQUANT_MIN_ROWS, mosaic_preferred
 from pallas_kernels.quant_matmul import kernel as qk
 from pallas_kernels.quant_matmul import kernel_mosaic as km
 from pallas_kernels.quant_matmul.kernel import Config
@@ -581,9 +581,8 @@ def main():
                          args.reps)
                 for s, (weights, nbytes, kw) in quant.items():
                     if m >= XLA_DEQUANT_MIN_ROWS[kw["bits"]] and not INTERPRET:
-                        # the same test as quant_matmul's dispatch (api._mosaic_preferred)
                         cfg = ("Mosaic GPU fused kernel " + km.MosaicConfig().name
-                               if km.available() and km.preferred(m, n, **kw)
+                               if mosaic_preferred(m, n, **kw)
                                else "dequantization pass + XLA bf16 GEMM")
                     else:
                         cfg = qk.choose_config(m, n, **kw)

@@ -10,7 +10,7 @@ Dispatch (``implementation=None``), on a GPU:
   * larger M (prefill), 4-bit codes, bf16 activations, on a Hopper GPU, where it measured faster
     (``kernel_mosaic.preferred``: 512 rows, or up to 2,048 rows with N >= 10,240): the fused
     Mosaic GPU kernel of ``kernel_mosaic.py`` ("mosaic"; the decoded weight is wgmma's register
-    operand, 1.12-1.17x XLA's bf16 GEMM at K=5120 -> N=34816);
+    operand, 1.10-1.17x XLA's bf16 GEMM at K=5120 -> N=34816, 512-1,024 rows);
   * other large M: the weight is dequantized to bf16 in one memory-bound pass (the Pallas
     ``kernel.dequantize_pallas``) and XLA runs its own bf16 GEMM ("xla_dequant", see
     ``dequantize_then_dot``). At these sizes the pass is small next to the GEMM, and our
@@ -114,7 +114,7 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
 
     if implementation == "mosaic" or (
         implementation is None and _on_gpu() and m >= XLA_DEQUANT_MIN_ROWS[bits]
-        and x2.dtype == jnp.bfloat16 and _mosaic_preferred(m, n, **kwargs)
+        and x2.dtype == jnp.bfloat16 and mosaic_preferred(m, n, **kwargs)
     ):
         from pallas_kernels.quant_matmul import kernel_mosaic
 
@@ -147,7 +147,8 @@ def quant_matmul(x, packed, scales, zeros, *, bits: int, group_size: int, in_fea
     return out.reshape(lead + (n,))
 
 
-def _mosaic_preferred(m, n, **kwargs) -> bool:
+def mosaic_preferred(m, n, **kwargs) -> bool:
+    """Whether the default dispatch sends an M-row bf16 call to the Mosaic kernel (Hopper only)."""
     from pallas_kernels.quant_matmul import kernel_mosaic
 
     return kernel_mosaic.available() and kernel_mosaic.preferred(m, n, **kwargs)
