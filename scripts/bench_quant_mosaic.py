@@ -45,6 +45,20 @@ def make(rng_key, m, k, n, group_size, zeros):
     return x, packed, scales, z
 
 
+def parse_config(text):
+    """``block_m:depth:stages[:splits]`` plus flags: ``t`` token_split, ``p`` pingpong; or
+    ``auto``: None, resolved per shape by ``resolve`` (``kernel_mosaic.choose_config``)."""
+    if text == "auto":
+        return None
+    flags = text[len(text.rstrip("tp")):]
+    return km.MosaicConfig(*map(int, text.rstrip("tp").split(":")), token_split="t" in flags,
+                           pingpong="p" in flags)
+
+
+def resolve(cfg, m, k, n, gs):
+    return cfg or km.choose_config(m, n, bits=4, group_size=gs, in_features=k)
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -54,7 +68,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="512,4096")
     ap.add_argument("--configs", default="256:64:3,128:64:4,256:64:4,128:128:3",
-                    help="block_m:depth:stages[:splits][t: token_split], comma list; the first two also run the checks")
+                    help="block_m:depth:stages[:splits][t: token_split][p: pingpong], comma list; the first two also run the checks")
     ap.add_argument("--all-shapes", action="store_true", help="every issue shape (time only: the checks run first)")
     ap.add_argument("--shapes", default=None, help="K:N comma list instead of the first / all issue shapes")
     ap.add_argument("--sweep", action="store_true",
@@ -65,21 +79,20 @@ def main(argv=None):
     ap.add_argument("--lower", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cfgs = [km.MosaicConfig(*map(int, c.rstrip("t").split(":")), token_split=c.endswith("t"))
-            for c in args.configs.split(",")]
+    cfgs = [parse_config(c) for c in args.configs.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.lower:
         sd = jax.ShapeDtypeStruct
         for cfg in cfgs:
             for z in (False, True):
                 k, n, gs = 5120, 34816, 128
-                f = jax.jit(lambda x, w, s, zz, cfg=cfg: km.quant_matmul_mosaic(
+                f = jax.jit(lambda x, w, s, zz, cfg=resolve(cfg, 512, k, n, gs): km.quant_matmul_mosaic(
                     x, w, s, zz, bits=4, group_size=gs, in_features=k, cfg=cfg))
                 f.trace(sd((512, k), jnp.bfloat16), sd((layout.slab_rows(k, 4, gs), n), jnp.uint32),
                         sd((layout.num_groups(k, 4, gs), n), jnp.bfloat16),
                         sd((layout.num_groups(k, 4, gs), n), jnp.uint8) if z else None
                         ).lower(lowering_platforms=("cuda",))
-                print("lowered", cfg.name, "zeros" if z else "sym", flush=True)
+                print("lowered", resolve(cfg, 512, k, n, gs).name, "zeros" if z else "sym", flush=True)
         return
     from jax.experimental.mosaic.gpu import profiler
 
@@ -96,6 +109,7 @@ def main(argv=None):
         x, w, s, zz = make(key, m, k, n, gs, z)
         ref = quant_matmul_reference(x, w, s, zz, bits=4, group_size=gs, in_features=k)
         for cfg in cfgs[:2]:
+            cfg = resolve(cfg, m, k, n, gs)
             t0 = time.time()
             try:
                 out = jax.jit(lambda *a, cfg=cfg: km.quant_matmul_mosaic(
@@ -125,7 +139,7 @@ def main(argv=None):
                 *a, bits=4, group_size=128, in_features=k)), x, w, s, zz)
             out_rows.append({**base, "impl": "pass + bf16 GEMM", "us": p, "x_bf16": p / bf16})
             print(out_rows[-2], out_rows[-1], flush=True)
-            cands = cfgs
+            cands = [resolve(c, m, k, n, 128) for c in cfgs]
             if args.sweep:  # block_m x token_split x split-K (the splits that divide the steps)
                 cands = [km.MosaicConfig(bm, 64, 3, sp, ts) for bm in (256, 128) for ts in (False, True)
                          for sp in (1, 2, 3, 4, 6, 8)

@@ -62,13 +62,18 @@ class MosaicConfig:
     along the reduction (split-K: fp32 partial outputs summed by XLA; for grids that fill few of
     the GPU's SMs; measured slower at every issue shape, NOTES round 11), ``token_split``: the two
     compute warpgroups take ``block_m / 2`` tokens each of the same 64 output features (twice the
-    CTAs of the default, where they take 64 features each of all ``block_m`` tokens)."""
+    CTAs of the default, where they take 64 features each of all ``block_m`` tokens); ``pingpong``:
+    the two compute warpgroups take turns on the tensor cores (a token passed through two shared
+    memory barriers: a warpgroup issues its wgmma only after the other issued its own), so one
+    warpgroup's wgmma runs while the other decodes its next fragment, instead of both decoding at
+    once and then sharing the tensor cores."""
 
     block_m: int = 256
     depth: int = 64
     stages: int = 3
     splits: int = 1
     token_split: bool = False
+    pingpong: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -79,7 +84,8 @@ class MosaicConfig:
     @property
     def name(self) -> str:
         return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
-                + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else ""))
+                + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else "")
+                + ("_pp" if self.pingpong else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -112,6 +118,54 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
     if (s // r) % cfg.splits:
         return f"splits={cfg.splits} does not divide the {s // r} pipeline steps"
     return None
+
+
+# The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
+# work, so a grid of C CTAs takes ceil(C / SMs) waves, and a CTA's pipeline step costs about
+# ``block_m + STEP_OVERHEAD_ROWS`` token-rows of wgmma time (the decode and barrier time that the
+# tensor cores do not hide; fit on an H100, NOTES round 12).
+STEP_OVERHEAD_ROWS = 138
+BLOCK_M_CHOICES = (256, 192, 176, 128)
+DEFAULT_SMS = 132  # H100 SXM; the GPU's own count is used where jax reports it
+# Whether ``cfg=None`` takes ``choose_config`` (True only once the model's choices are measured
+# faster on the GPU; until then the measured default ``MosaicConfig()``).
+AUTO_CONFIG = False
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (``DEFAULT_SMS`` off GPU)."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or DEFAULT_SMS
+    except Exception:  # noqa: BLE001 - no backend
+        return DEFAULT_SMS
+
+
+def grid_ctas(m: int, n: int, cfg: MosaicConfig) -> int:
+    """CTAs of the launch for an ``[m, K] x [K, n]`` call."""
+    return (n // cfg.cta_n) * -(-m // cfg.block_m) * cfg.splits
+
+
+def modeled_cost(m: int, n: int, cfg: MosaicConfig, sms: int | None = None) -> int:
+    """Relative time of the launch under the grid model: waves x (block_m + overhead) per
+    step (the steps per CTA are the same for every ``block_m``)."""
+    waves = -(-grid_ctas(m, n, cfg) // (sms or num_sms()))
+    return waves * (cfg.block_m + STEP_OVERHEAD_ROWS) // cfg.splits
+
+
+def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: int,
+                  sms: int | None = None) -> MosaicConfig:
+    """The ``block_m`` of ``BLOCK_M_CHOICES`` the grid model says is fastest for this call
+    (ties: the larger tile); every candidate is a supported config (module defaults otherwise).
+
+    At 512 rows, N = 5120 (40 CTA columns) 176 tokens per CTA make 120 CTAs, one wave on 132
+    SMs, where 256 give 80 CTAs; at N >= 34816, 256 keeps the decode amortised best."""
+    sms = sms or num_sms()
+    cands = [MosaicConfig(block_m=bm) for bm in BLOCK_M_CHOICES]
+    cands = [c for c in cands if unsupported_reason(m, n, bits=bits, group_size=group_size,
+                                                    in_features=in_features, cfg=c) is None]
+    if not cands:
+        return MosaicConfig()
+    return min(cands, key=lambda c: (modeled_cost(m, n, c, sms), -c.block_m))
 
 
 def available() -> bool:
@@ -260,8 +314,10 @@ def _check_layout_assumptions():
 
 
 def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
-                        cfg: MosaicConfig = MosaicConfig(), out_dtype=None):
-    """``x [M, K] (bf16) @ W`` with W the packed int4 weight -> ``[M, N]``; Hopper GPUs only."""
+                        cfg: MosaicConfig | None = None, out_dtype=None):
+    """``x [M, K] (bf16) @ W`` with W the packed int4 weight -> ``[M, N]``; Hopper GPUs only.
+    ``cfg`` None: ``choose_config`` for this shape and GPU where ``AUTO_CONFIG``, else the
+    defaults of ``MosaicConfig``."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -270,6 +326,9 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     n = packed.shape[1]
     if k != in_features:
         raise ValueError(f"x has {k} input features, the weight {in_features}")
+    if cfg is None:
+        cfg = (choose_config(m_rows, n, bits=bits, group_size=group_size, in_features=in_features)
+               if AUTO_CONFIG else MosaicConfig())
     why = unsupported_reason(m_rows, n, bits=bits, group_size=group_size, in_features=in_features,
                              cfg=cfg)
     if why:
@@ -293,8 +352,12 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     o_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
+    pp = cfg.pingpong
+
     def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
         zb_gmem = rest[0] if has_zeros else None
+        if pp:  # turn[g]: compute warpgroup g may issue its wgmma (phases counted per thread)
+            *rest, turn = rest
         out_gmem = rest[-1]
         ni = lax.axis_index("n")
         mi = lax.axis_index("m")
@@ -306,7 +369,11 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             acc_ref = more[-1]
             a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d, by_warpgroup=not ts)
             x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
+            if pp:
+                plgpu.barrier_wait(turn.at[wg])
             plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_wg, (1, 0)))
+            if pp:  # issued: the other warpgroup's wgmma queues behind this one
+                plgpu.barrier_arrive(turn.at[1 - wg])
             # wait here: keeping one wgmma in flight (wait(1), inputs released a step late) gave
             # wrong results on the H100 (NOTES round 11); the two warpgroups overlap each other
             plgpu.wgmma_wait(0)
@@ -337,6 +404,11 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def context(run):
+            if pp:  # warpgroup 0 takes the first turn
+                @pl.when(wg == 1)
+                def _():
+                    plgpu.barrier_arrive(turn.at[0])
+
             acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
             pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
                           o_alloc, collective_axes=("wg",))
@@ -365,9 +437,13 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     else:
         o_alloc = plgpu.SMEM((2, wm, 64), out_dtype, transforms=o_transforms)
         out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+    extra = {}
+    if pp:
+        extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
     call = plgpu.kernel(
         kernel,
         out_type=out_type,
+        **extra,
         grid=(n // cta_n, mp // bm, splits),
         grid_names=("n", "m", "k"),
         num_threads=3,

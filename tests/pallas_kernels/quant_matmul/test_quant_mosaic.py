@@ -98,6 +98,26 @@ def test_unsupported_cases_are_named():
                                in_features=512)
 
 
+def test_choose_config_fills_the_grid():
+    """The grid model: at 512 rows N = 5120 gets 176-token tiles (120 CTAs: one wave on 132 SMs,
+    where 256 tokens give 80 CTAs); the largest projection keeps 256 (its waves do not improve)."""
+    kw = dict(bits=4, group_size=128, in_features=5120)
+    small = km.choose_config(512, 5120, sms=132, **kw)
+    assert small.block_m == 176 and km.grid_ctas(512, 5120, small) == 120
+    assert km.grid_ctas(512, 5120, km.MosaicConfig()) == 80
+    assert km.modeled_cost(512, 5120, small, 132) < km.modeled_cost(512, 5120, km.MosaicConfig(), 132)
+    assert km.choose_config(512, 34816, sms=132, **kw).block_m == 256
+    assert km.choose_config(4096, 5120, sms=132, **kw).block_m == 256
+    for m in (1, 300, 512, 1000, 2048, 4096):
+        for n in (128, 5120, 10240, 34816):
+            cfg = km.choose_config(m, n, sms=132, **kw)
+            assert km.unsupported_reason(m, n, cfg=cfg, **kw) is None
+            assert all(km.modeled_cost(m, n, cfg, 132) <= km.modeled_cost(m, n, km.MosaicConfig(block_m=b), 132)
+                       for b in km.BLOCK_M_CHOICES)
+    # a shape no candidate covers falls back to the defaults (the caller's unsupported_reason names why)
+    assert km.choose_config(512, 1000, sms=132, **kw) == km.MosaicConfig()
+
+
 def test_dispatch_rule():
     kw = dict(bits=4, group_size=128, in_features=5120)
     assert km.preferred(512, 5120, **kw) and km.preferred(2048, 34816, **kw)
@@ -116,8 +136,11 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
 
 
 @pytest.mark.parametrize("cfg,zeros", [(km.MosaicConfig(), False), (km.MosaicConfig(128, 64, 3, 2), True),
-                                       (km.MosaicConfig(token_split=True), True)],
-                         ids=["default-sym", "m128-split2-zeros", "token-split-zeros"])
+                                       (km.MosaicConfig(token_split=True), True),
+                                       (km.MosaicConfig(176, pingpong=True), True),
+                                       (km.MosaicConfig(pingpong=True, token_split=True), False)],
+                         ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
+                              "pingpong-token-split"])
 def test_lowers_for_cuda(cfg, zeros):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
     GPU on any host; catches layout and shape errors without a GPU."""
