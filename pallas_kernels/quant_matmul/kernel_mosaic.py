@@ -123,7 +123,7 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
 # work, so a grid of C CTAs takes ceil(C / SMs) waves, and a CTA's pipeline step costs about
 # ``block_m + STEP_OVERHEAD_ROWS`` token-rows of wgmma time (the decode and barrier time that the
-# tensor cores do not hide; fit on an H100, NOTES round 12).
+# tensor cores do not hide; the round-11 fit on an H100, NOTES round 12).
 STEP_OVERHEAD_ROWS = 138
 BLOCK_M_CHOICES = (256, 192, 176, 128)
 DEFAULT_SMS = 132  # H100 SXM; the GPU's own count is used where jax reports it
@@ -147,7 +147,8 @@ def grid_ctas(m: int, n: int, cfg: MosaicConfig) -> int:
 
 def modeled_cost(m: int, n: int, cfg: MosaicConfig, sms: int | None = None) -> int:
     """Relative time of the launch under the grid model: waves x (block_m + overhead) per
-    step (the steps per CTA are the same for every ``block_m``)."""
+    step (the steps per CTA are the same for every ``block_m``; split-K divides them, and the
+    model leaves out the fp32 partials' round trip, which round 11 measured as not paying)."""
     waves = -(-grid_ctas(m, n, cfg) // (sms or num_sms()))
     return waves * (cfg.block_m + STEP_OVERHEAD_ROWS) // cfg.splits
 

@@ -160,7 +160,8 @@ def test_lowers_for_cuda(cfg, zeros):
 @pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 128, True)],
                          ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2),
-                                 km.MosaicConfig(token_split=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(token_split=True), km.MosaicConfig(pingpong=True),
+                                 km.MosaicConfig(176, pingpong=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
