@@ -581,7 +581,7 @@ def main():
                          args.reps)
                 for s, (weights, nbytes, kw) in quant.items():
                     if m >= XLA_DEQUANT_MIN_ROWS[kw["bits"]] and not INTERPRET:
-                        cfg = ("Mosaic GPU fused kernel " + km.MosaicConfig().name
+                        cfg = ("Mosaic GPU fused kernel " + km.default_config(m, n, **kw).name
                                if mosaic_preferred(m, n, **kw)
                                else "dequantization pass + XLA bf16 GEMM")
                     else:

@@ -169,6 +169,14 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     return min(cands, key=lambda c: (modeled_cost(m, n, c, sms), -c.block_m))
 
 
+def default_config(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> MosaicConfig:
+    """The config ``quant_matmul_mosaic(cfg=None)`` runs: ``choose_config`` where ``AUTO_CONFIG``,
+    else ``MosaicConfig()``."""
+    if AUTO_CONFIG:
+        return choose_config(m, n, bits=bits, group_size=group_size, in_features=in_features)
+    return MosaicConfig()
+
+
 def available() -> bool:
     """True on a Hopper GPU (sm_90: wgmma) whose jax has Pallas Mosaic GPU."""
     try:
@@ -317,8 +325,7 @@ def _check_layout_assumptions():
 def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int, in_features: int,
                         cfg: MosaicConfig | None = None, out_dtype=None):
     """``x [M, K] (bf16) @ W`` with W the packed int4 weight -> ``[M, N]``; Hopper GPUs only.
-    ``cfg`` None: ``choose_config`` for this shape and GPU where ``AUTO_CONFIG``, else the
-    defaults of ``MosaicConfig``."""
+    ``cfg`` None: ``default_config`` for this shape."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -328,8 +335,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     if k != in_features:
         raise ValueError(f"x has {k} input features, the weight {in_features}")
     if cfg is None:
-        cfg = (choose_config(m_rows, n, bits=bits, group_size=group_size, in_features=in_features)
-               if AUTO_CONFIG else MosaicConfig())
+        cfg = default_config(m_rows, n, bits=bits, group_size=group_size, in_features=in_features)
     why = unsupported_reason(m_rows, n, bits=bits, group_size=group_size, in_features=in_features,
                              cfg=cfg)
     if why:

@@ -118,6 +118,14 @@ def test_choose_config_fills_the_grid():
     assert km.choose_config(512, 1000, sms=132, **kw) == km.MosaicConfig()
 
 
+def test_default_config_follows_the_switch(monkeypatch):
+    kw = dict(bits=4, group_size=128, in_features=5120)
+    monkeypatch.setattr(km, "AUTO_CONFIG", False)
+    assert km.default_config(512, 5120, **kw) == km.MosaicConfig()
+    monkeypatch.setattr(km, "AUTO_CONFIG", True)
+    assert km.default_config(512, 5120, **kw) == km.choose_config(512, 5120, **kw)
+
+
 def test_dispatch_rule():
     kw = dict(bits=4, group_size=128, in_features=5120)
     assert km.preferred(512, 5120, **kw) and km.preferred(2048, 34816, **kw)
