@@ -1,9 +1,10 @@
-"""The Mosaic GPU int4 prefill kernel (``pallas_kernels/quant_matmul/kernel_mosaic.py``) on a Hopper
-GPU: correctness against the fp32 reference on small and full-size cases, then CUPTI kernel times
+"""The Mosaic GPU int4 / int8 prefill kernel (``pallas_kernels/quant_matmul/kernel_mosaic.py``) on a
+Hopper GPU: correctness against the fp32 reference on small and full-size cases, then CUPTI kernel times
 (``mosaic.gpu.profiler.measure``: every kernel of the call, so the activation permutation and the
 scale pairing are included) against XLA's bf16 GEMM and the dequantization pass + bf16 GEMM path.
 
     python scripts/bench_quant_mosaic.py --json out/bench_quant_mosaic.json
+    python scripts/bench_quant_mosaic.py --bits 8 --group-size 32 --rows 512   # int8 g32
     python scripts/bench_quant_mosaic.py --lower     # CPU: lowering for CUDA only
 """
 
@@ -31,16 +32,16 @@ SHAPES = [(5120, 34816), (5120, 17408), (17408, 5120), (5120, 10240), (5120, 122
           (6144, 5120)]
 
 
-def make(rng_key, m, k, n, group_size, zeros):
+def make(rng_key, m, k, n, group_size, zeros, bits=4):
     k1, k2, k3, k4, k5 = jax.random.split(rng_key, 5)
-    s = layout.slab_rows(k, 4, group_size)
-    g = layout.num_groups(k, 4, group_size)
+    s = layout.slab_rows(k, bits, group_size)
+    g = layout.num_groups(k, bits, group_size)
     packed = jax.random.bits(k1, (s, n), jnp.uint32)
-    if s * 8 > k:  # padding rows carry code 0 (layout.py); only whole slabs at these shapes
-        codes = layout.unpack(packed, 4, k)
-        packed = layout.pack(codes, 4, group_size)
+    if s * layout.codes_per_word(bits) > k:  # padding rows carry code 0 (layout.py)
+        codes = layout.unpack(packed, bits, k)
+        packed = layout.pack(codes, bits, group_size)
     scales = (jax.random.uniform(k2, (g, n), jnp.float32) * 0.05 + 0.005).astype(jnp.bfloat16)
-    z = jax.random.randint(k3, (g, n), 0, 16, jnp.int32).astype(jnp.uint8) if zeros else None
+    z = jax.random.randint(k3, (g, n), 0, 2 ** bits, jnp.int32).astype(jnp.uint8) if zeros else None
     x = jax.random.normal(k4, (m, k), jnp.bfloat16)
     return x, packed, scales, z
 
@@ -55,8 +56,8 @@ def parse_config(text):
                            pingpong="p" in flags)
 
 
-def resolve(cfg, m, k, n, gs):
-    return cfg or km.choose_config(m, n, bits=4, group_size=gs, in_features=k)
+def resolve(cfg, m, k, n, gs, bits=4):
+    return cfg or km.choose_config(m, n, bits=bits, group_size=gs, in_features=k)
 
 
 def rel(a, b):
@@ -76,23 +77,27 @@ def main(argv=None):
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--max-splits", type=int, default=8, help="largest split-K in --sweep")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--bits", type=int, default=4, choices=km.KERNEL_BITS, help="code width (checks and timing)")
+    ap.add_argument("--group-size", type=int, default=128, help="group size of the timed shapes")
     ap.add_argument("--lower", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cfgs = [parse_config(c) for c in args.configs.split(",")]
     rows_list = [int(r) for r in args.rows.split(",")]
+    bits, tgs = args.bits, args.group_size
     if args.lower:
         sd = jax.ShapeDtypeStruct
         for cfg in cfgs:
             for z in (False, True):
-                k, n, gs = 5120, 34816, 128
-                f = jax.jit(lambda x, w, s, zz, cfg=resolve(cfg, 512, k, n, gs): km.quant_matmul_mosaic(
-                    x, w, s, zz, bits=4, group_size=gs, in_features=k, cfg=cfg))
-                f.trace(sd((512, k), jnp.bfloat16), sd((layout.slab_rows(k, 4, gs), n), jnp.uint32),
-                        sd((layout.num_groups(k, 4, gs), n), jnp.bfloat16),
-                        sd((layout.num_groups(k, 4, gs), n), jnp.uint8) if z else None
+                k, n, gs = 5120, 34816, args.group_size
+                f = jax.jit(lambda x, w, s, zz, cfg=resolve(cfg, 512, k, n, gs, bits): km.quant_matmul_mosaic(
+                    x, w, s, zz, bits=bits, group_size=gs, in_features=k, cfg=cfg))
+                f.trace(sd((512, k), jnp.bfloat16), sd((layout.slab_rows(k, bits, gs), n), jnp.uint32),
+                        sd((layout.num_groups(k, bits, gs), n), jnp.bfloat16),
+                        sd((layout.num_groups(k, bits, gs), n), jnp.uint8) if z else None
                         ).lower(lowering_platforms=("cuda",))
-                print("lowered", resolve(cfg, 512, k, n, gs).name, "zeros" if z else "sym", flush=True)
+                print("lowered", f"int{bits}", resolve(cfg, 512, k, n, gs, bits).name, "zeros" if z else "sym",
+                      flush=True)
         return
     from jax.experimental.mosaic.gpu import profiler
 
@@ -106,16 +111,16 @@ def main(argv=None):
     checks = [(37, 1024, 256, 128, False), (5, 5120, 384, 128, True), (130, 640, 128, 640, False),
               (300, 768, 256, 32, True), (512, 5120, 34816, 128, False), (600, 17408, 5120, 128, True)]
     for (m, k, n, gs, z) in ([] if args.skip_checks else checks):
-        x, w, s, zz = make(key, m, k, n, gs, z)
-        ref = quant_matmul_reference(x, w, s, zz, bits=4, group_size=gs, in_features=k)
+        x, w, s, zz = make(key, m, k, n, gs, z, bits)
+        ref = quant_matmul_reference(x, w, s, zz, bits=bits, group_size=gs, in_features=k)
         for cfg in cfgs[:2]:
-            cfg = resolve(cfg, m, k, n, gs)
+            cfg = resolve(cfg, m, k, n, gs, bits)
             t0 = time.time()
             try:
                 out = jax.jit(lambda *a, cfg=cfg: km.quant_matmul_mosaic(
-                    *a, bits=4, group_size=gs, in_features=k, cfg=cfg))(x, w, s, zz)
+                    *a, bits=bits, group_size=gs, in_features=k, cfg=cfg))(x, w, s, zz)
                 err = rel(out, ref)
-                row = {"case": f"check {m}x{k}->{n} g{gs}{' z' if z else ''}", "config": cfg.name,
+                row = {"case": f"check int{bits} {m}x{k}->{n} g{gs}{' z' if z else ''}", "config": cfg.name,
                        "rel_err": err, "ok": err < 1e-2}
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc(limit=-4)
@@ -130,27 +135,27 @@ def main(argv=None):
         shapes = [tuple(map(int, t.split(":"))) for t in args.shapes.split(",")]
     for (k, n) in shapes:
         for m in rows_list:
-            x, w, s, zz = make(key, m, k, n, 128, False)
+            x, w, s, zz = make(key, m, k, n, tgs, False, bits)
             wb = jax.random.normal(key, (k, n), jnp.bfloat16)
             bf16 = median_us(jax.jit(lambda a, b: a @ b), x, wb)
-            base = {"k": k, "n": n, "rows": m}
+            base = {"k": k, "n": n, "rows": m, "bits": bits, "group_size": tgs}
             out_rows.append({**base, "impl": "XLA bf16", "us": bf16, "x_bf16": 1.0})
             p = median_us(jax.jit(lambda *a: dequantize_then_dot(
-                *a, bits=4, group_size=128, in_features=k)), x, w, s, zz)
+                *a, bits=bits, group_size=tgs, in_features=k)), x, w, s, zz)
             out_rows.append({**base, "impl": "pass + bf16 GEMM", "us": p, "x_bf16": p / bf16})
             print(out_rows[-2], out_rows[-1], flush=True)
-            cands = [resolve(c, m, k, n, 128) for c in cfgs]
+            cands = [resolve(c, m, k, n, tgs, bits) for c in cfgs]
             if args.sweep:  # block_m x token_split x split-K (the splits that divide the steps)
                 cands = [km.MosaicConfig(bm, 64, 3, sp, ts) for bm in (256, 128) for ts in (False, True)
                          for sp in (1, 2, 3, 4, 6, 8)
-                         if km.unsupported_reason(m, n, bits=4, group_size=128, in_features=k,
+                         if km.unsupported_reason(m, n, bits=bits, group_size=tgs, in_features=k,
                                                   cfg=km.MosaicConfig(bm, 64, 3, sp, ts)) is None
                          and (sp == 1 or (n // (64 if ts else 128)) * -(-m // bm) * sp <= 6 * 132)
                          and sp <= args.max_splits]
             for cfg in cands:
                 try:
                     f = jax.jit(lambda *a, cfg=cfg: km.quant_matmul_mosaic(
-                        *a, bits=4, group_size=128, in_features=k, cfg=cfg))
+                        *a, bits=bits, group_size=tgs, in_features=k, cfg=cfg))
                     us = median_us(f, x, w, s, zz)
                     out_rows.append({**base, "impl": cfg.name, "us": us, "x_bf16": us / bf16})
                 except Exception as e:  # noqa: BLE001

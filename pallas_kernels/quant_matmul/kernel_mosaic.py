@@ -36,8 +36,14 @@ warpgroups each own 64 output features of the CTA's 128 and all ``block_m`` toke
 accumulator of 64 x block_m). Per step each compute warpgroup decodes its A fragment (64 x D,
 ``D = p R`` reduction rows) and issues one wgmma against the x tile in shared memory.
 
-Only 4-bit codes (``p = 8``) are supported; other widths and shapes this kernel does not cover
-(``unsupported_reason``) stay on the dequantize-then-GEMM path.
+**8-bit codes** (``p = 4``): the same order and pairs, but ``128 + c`` is not exact in bf16 for
+``c >= 128``, so the decode is in fp32: ``(word >> 8 j) & 0xFF | 0x4B000000`` is ``2**23 + c``
+exactly, minus ``2**23 + zero`` gives ``c - zero``, times the scale is exact in fp32 (8 x 8
+significant bits), and one ``bf16x2`` conversion rounds the pair once: the same weights as the
+4-bit path's bf16 arithmetic would give, at about twice the instructions per weight.
+
+Other widths and shapes this kernel does not cover (``unsupported_reason``) stay on the
+dequantize-then-GEMM path.
 """
 
 from __future__ import annotations
@@ -53,6 +59,11 @@ from jax import lax
 from pallas_kernels.quant_matmul import layout
 
 MAGIC = 0x43004300  # bf16 pair (128, 128); OR-ing a 4-bit code into each mantissa gives 128 + c
+MAGIC_F32 = 0x4B000000  # fp32 2**23; OR-ing an 8-bit code into the mantissa gives 2**23 + c (exact)
+KERNEL_BITS = (4, 8)
+# Widths the prefill dispatch takes this kernel for: those measured faster than the pass + GEMM on a
+# GPU (8-bit codes, decoded in fp32, lower and match the reference on the CPU; not yet timed).
+PREFERRED_BITS = (4,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +115,8 @@ def scale_block_rows(in_features: int, bits: int, group_size: int) -> int:
 def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_features: int,
                        cfg: MosaicConfig = MosaicConfig()):
     """None if the kernel covers this case, else why not (the caller falls back)."""
-    if bits != 4:
-        return f"bits={bits}: the Mosaic kernel decodes 4-bit codes only"
+    if bits not in KERNEL_BITS:
+        return f"bits={bits}: the Mosaic kernel decodes 4-bit and 8-bit codes only"
     if n % cfg.cta_n:
         return f"N={n} is not a multiple of {cfg.cta_n}"
     if cfg.depth % 64 or cfg.block_m % (16 if cfg.token_split else 8) or not 8 <= cfg.block_m <= 256:
@@ -199,6 +210,8 @@ def preferred(m: int, n: int, *, bits: int, group_size: int, in_features: int) -
     """
     if unsupported_reason(m, n, bits=bits, group_size=group_size, in_features=in_features):
         return False
+    if bits not in PREFERRED_BITS:
+        return False
     return m <= 512 or (m <= 2048 and n >= 10240)
 
 
@@ -229,7 +242,8 @@ def pair_scales(scales, zeros, *, bits: int, group_size: int, in_features: int):
     """Scales ``[G, N]`` (+ zeros) -> ``(sc, zb)``, each ``uint32 [U, p/2, N]`` or ``zb`` None.
 
     ``sc[u, m, n]`` packs the bf16 scales of fields ``m`` and ``m + p/2`` for slab-row block ``u``;
-    ``zb`` likewise packs ``128 + zero`` (exact in bf16 for codes below 128).
+    ``zb`` likewise packs ``128 + zero`` for 4-bit codes (exact in bf16 below 128), the zero itself
+    for 8-bit codes (integers up to 255 are exact in bf16; the kernel decodes those in fp32).
     """
     p = layout.codes_per_word(bits)
     s = layout.slab_rows(in_features, bits, group_size)
@@ -244,7 +258,7 @@ def pair_scales(scales, zeros, *, bits: int, group_size: int, in_features: int):
     sc = _pairs_u32(sc[:, :half], sc[:, half:])
     if zeros is None:
         return sc, None
-    zb = zeros.astype(jnp.float32)[g] + 128.0
+    zb = zeros.astype(jnp.float32)[g] + (128.0 if bits == 4 else 0.0)
     return sc, _pairs_u32(zb[:, :half], zb[:, half:])
 
 
@@ -259,7 +273,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mu
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, memref
+    from jax._src.lib.mlir.dialects import arith, memref, vector
 
     p = layout.codes_per_word(bits)
     half = p // 2
@@ -287,16 +301,41 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         zb_const = None if zb else as_pair(c(MAGIC | z | z << 16))
         mask = c((1 << bits) - 1 | ((1 << bits) - 1) << 16)
         magic = c(MAGIC)
+        f32x2 = ir.VectorType.get((2,), ir.F32Type.get())
+        i32x2 = ir.VectorType.get((2,), i32)
+
+        def f32_pair(lo, hi):  # two i32 bit patterns -> vector<2xf32>
+            return mu.bitcast(vector.from_elements(i32x2, [lo, hi]), f32x2)
+
+        def widen(pair):  # uint32 bf16 pair -> vector<2xf32> (exact)
+            return f32_pair(arith.shli(pair, c(16)), arith.andi(pair, c(-65536)))
+
+        def load_pairs(ref, n):
+            return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) for m in range(half)]
+
         for h in range(2):
             n = ix(arith.addi(n0, c(8 * h)))
-            scale = [as_pair(memref.load(sc, [ix(c(0)), ix(c(m)), n])) for m in range(half)]
-            zero = ([as_pair(memref.load(zb[0], [ix(c(0)), ix(c(m)), n])) for m in range(half)]
-                    if zb else [zb_const] * half)
+            if bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
+                scale = [widen(v) for v in load_pairs(sc, n)]
+                big = arith.constant(f32x2, ir.DenseElementsAttr.get_splat(
+                    f32x2, ir.FloatAttr.get(ir.F32Type.get(), float(2 ** 23))))
+                zero = ([arith.addf(widen(v), big) for v in load_pairs(zb[0], n)] if zb else
+                        [arith.constant(f32x2, ir.DenseElementsAttr.get_splat(
+                            f32x2, ir.FloatAttr.get(ir.F32Type.get(), float(2 ** 23 + z))))] * half)
+            else:  # bf16 pairs: 128 + c - (128 + zero) exact, one rounding in the product
+                scale = [as_pair(v) for v in load_pairs(sc, n)]
+                zero = [as_pair(v) for v in load_pairs(zb[0], n)] if zb else [zb_const] * half
             for t in range(words_per_thread):
                 word = memref.load(w, [ix(arith.addi(q, c(4 * t))), n])
                 for m in range(half):
-                    v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
-                    val = arith.mulf(arith.subf(as_pair(v), zero[m]), scale[m])
+                    if bits == 8:
+                        fields = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
+                                  for j in (m, m + half)]
+                        prod = arith.mulf(arith.subf(f32_pair(*fields), zero[m]), scale[m])
+                        val = arith.truncf(bf16x2, prod)
+                    else:
+                        v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
+                        val = arith.mulf(arith.subf(as_pair(v), zero[m]), scale[m])
                     idx = [0] * len(reg_shape)
                     idx[1] = t * half + m
                     idx[4] = h
@@ -490,8 +529,16 @@ def emulate(x, packed, scales, zeros, *, bits: int, group_size: int, in_features
 
     cols = []
     for m in range(half):
-        v = unpair(((words >> (bits * m)) & mask) | jnp.uint32(MAGIC))  # [c, t, q, n, e]
         scale = unpair(sc[u_of_c, m])[:, None, None]  # [c, 1, 1, n, e]
+        if bits == 8:  # fp32: 2**23 + c - (2**23 + zero), times the scale, rounded once to bf16
+            f = lax.bitcast_convert_type(jnp.stack(
+                [((words >> (bits * j)) & 255) | jnp.uint32(MAGIC_F32) for j in (m, m + half)], -1),
+                jnp.float32)  # [c, t, q, n, e]
+            zero = (jnp.float32(2 ** 23 + 2 ** (bits - 1)) if zb is None else
+                    unpair(zb[u_of_c, m])[:, None, None].astype(jnp.float32) + jnp.float32(2 ** 23))
+            cols.append(((f - zero) * scale.astype(jnp.float32)).astype(jnp.bfloat16))
+            continue
+        v = unpair(((words >> (bits * m)) & mask) | jnp.uint32(MAGIC))  # [c, t, q, n, e]
         if zb is None:
             zero = jnp.bfloat16(128 + 2 ** (bits - 1))
         else:

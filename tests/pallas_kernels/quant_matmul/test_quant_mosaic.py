@@ -1,4 +1,4 @@
-"""The Mosaic GPU int4 prefill kernel (``kernel_mosaic.py``): its reduction order and scale pairs
+"""The Mosaic GPU int4 / int8 prefill kernel (``kernel_mosaic.py``): its reduction order and scale pairs
 checked on the CPU through ``emulate`` (the kernel's arithmetic in jnp), its lowering for CUDA
 checked on the CPU, and the compiled kernel checked on a Hopper GPU (``gpu`` marker)."""
 
@@ -26,16 +26,34 @@ def rng():
     return np.random.default_rng(0)
 
 
+@pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
-def test_emulated_kernel_matches_reference(rng, case):
+def test_emulated_kernel_matches_reference(rng, case, bits):
     m, k, n, gs, z = case
-    _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
+    _, packed, scales, zeros = make_case(rng, k, n, bits, gs, z)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    assert km.unsupported_reason(m, n, bits=4, group_size=gs, in_features=k) is None
-    ref = quant_matmul_reference(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k)
-    out = km.emulate(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k)
+    assert km.unsupported_reason(m, n, bits=bits, group_size=gs, in_features=k) is None
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k)
+    out = km.emulate(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k)
     assert out.shape == (m, n)
     assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+
+
+@pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
+def test_int8_decode_is_exact(rng, zeros):
+    """The 8-bit decode (fp32: 2**23 + c minus 2**23 + zero, times the scale, one rounding to bf16)
+    gives exactly the weights of ``dequantize`` in bf16: with one output feature per column and a
+    one-hot row of x, the fp32 product returns the weight itself, so any decode or order error
+    shows as an inequality (codes 0..255 and zeros 0..255 both cover the range where a bf16 magic
+    would not be exact)."""
+    from pallas_kernels.quant_matmul.reference import dequantize
+    k, n, gs = 256, 128, 32
+    _, packed, scales, z = make_case(rng, k, n, 8, gs, zeros)
+    w = np.asarray(dequantize(packed, scales, z, bits=8, group_size=gs, in_features=k).astype(jnp.bfloat16),
+                   np.float32)  # (c - zero) * scale, exact in fp32, rounded once to bf16
+    eye = jnp.eye(k, dtype=jnp.bfloat16)
+    got = np.asarray(km.emulate(eye, packed, scales, z, bits=8, group_size=gs, in_features=k), np.float32)
+    np.testing.assert_array_equal(got, w)
 
 
 @pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.float32])
@@ -85,16 +103,17 @@ def test_scale_pairs_hold_the_fields_groups(rng):
 
 def test_unsupported_cases_are_named():
     kw = dict(group_size=128, in_features=5120)
-    assert "4-bit" in km.unsupported_reason(512, 34816, bits=8, **kw)
+    assert "4-bit and 8-bit" in km.unsupported_reason(512, 34816, bits=3, **kw)
+    assert km.unsupported_reason(512, 34816, bits=8, **kw) is None
     assert "multiple of 128" in km.unsupported_reason(512, 1000, bits=4, **kw)
     assert km.unsupported_reason(512, 192, bits=4, cfg=km.MosaicConfig(token_split=True), **kw) is None
     assert "of 16 with token_split" in km.unsupported_reason(512, 192, bits=4, cfg=km.MosaicConfig(
         block_m=8, token_split=True), **kw)
     assert "splits=3" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(splits=3), **kw)
     assert "group size 4" in km.unsupported_reason(512, 256, bits=4, group_size=4, in_features=512)
-    with pytest.raises(NotImplementedError, match="4-bit"):
-        km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((128, 128), jnp.uint32),
-                               jnp.ones((4, 128), jnp.bfloat16), None, bits=8, group_size=128,
+    with pytest.raises(NotImplementedError, match="4-bit and 8-bit"):
+        km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((32, 128), jnp.uint32),
+                               jnp.ones((4, 128), jnp.bfloat16), None, bits=2, group_size=128,
                                in_features=512)
 
 
@@ -149,15 +168,16 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(pingpong=True, token_split=True), False)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
                               "pingpong-token-split"])
-def test_lowers_for_cuda(cfg, zeros):
+@pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
+def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
     GPU on any host; catches layout and shape errors without a GPU."""
     sd = jax.ShapeDtypeStruct
     k, n, gs = 1024, 256, 128
-    g = layout.num_groups(k, 4, gs)
-    f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=4, group_size=gs,
+    g = layout.num_groups(k, bits, gs)
+    f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=bits, group_size=gs,
                                                           in_features=k, cfg=cfg))
-    lowered = f.trace(sd((300, k), jnp.bfloat16), sd((layout.slab_rows(k, 4, gs), n), jnp.uint32),
+    lowered = f.trace(sd((300, k), jnp.bfloat16), sd((layout.slab_rows(k, bits, gs), n), jnp.uint32),
                       sd((g, n), jnp.bfloat16), sd((g, n), jnp.uint8) if zeros else None
                       ).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
@@ -184,3 +204,25 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
                            implementation="mosaic")
     np.testing.assert_array_equal(np.asarray(via_api, np.float32), np.asarray(
         km.quant_matmul_mosaic(x, packed, scales, zeros, bits=4, group_size=gs, in_features=k), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
+@pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 32, True)],
+                         ids=lambda c: f"int8-{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
+@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True)], ids=lambda c: c.name)
+def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
+    """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
+    m, k, n, gs, z = case
+    _, packed, scales, zeros = make_case(rng, k, n, 8, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=8, group_size=gs, in_features=k)
+    out = jax.jit(lambda *a: km.quant_matmul_mosaic(*a, bits=8, group_size=gs, in_features=k, cfg=cfg))(
+        x, packed, scales, zeros)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+    # the decoded weights themselves: a one-hot x returns them, exactly as emulate builds them
+    eye = jnp.eye(min(k, 256), k, dtype=jnp.bfloat16)
+    got = km.quant_matmul_mosaic(eye, packed, scales, zeros, bits=8, group_size=gs, in_features=k, cfg=cfg)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(
+        km.emulate(eye, packed, scales, zeros, bits=8, group_size=gs, in_features=k, cfg=cfg), np.float32))
