@@ -6,6 +6,8 @@ scale pairing are included) against XLA's bf16 GEMM and the dequantization pass 
     python scripts/bench_quant_mosaic.py --json out/bench_quant_mosaic.json
     python scripts/bench_quant_mosaic.py --bits 8 --group-size 32 --rows 512   # int8 g32
     python scripts/bench_quant_mosaic.py --lower     # CPU: lowering for CUDA only
+    ncu --set full -k regex:'mosaic|gemm|nvjet' --launch-skip 1 python scripts/bench_quant_mosaic.py \
+        --plain-runs 2 --skip-checks --shapes 17408:5120 --rows 512 --configs 176:64:3p   # for a profiler
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4, choices=km.KERNEL_BITS, help="code width (checks and timing)")
     ap.add_argument("--group-size", type=int, default=128, help="group size of the timed shapes")
     ap.add_argument("--lower", action="store_true")
+    ap.add_argument("--plain-runs", type=int, default=0,
+                    help="instead of timing, run XLA bf16 and each config this many times (under a profiler)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     cfgs = [parse_config(c) for c in args.configs.split(",")]
@@ -137,6 +141,14 @@ def main(argv=None):
         for m in rows_list:
             x, w, s, zz = make(key, m, k, n, tgs, False, bits)
             wb = jax.random.normal(key, (k, n), jnp.bfloat16)
+            if args.plain_runs:
+                fns = [jax.jit(lambda a, b: a @ b)] + [jax.jit(lambda *a, cfg=resolve(c, m, k, n, tgs, bits): (
+                    km.quant_matmul_mosaic(*a, bits=bits, group_size=tgs, in_features=k, cfg=cfg))) for c in cfgs]
+                for i, f in enumerate(fns):
+                    for _ in range(args.plain_runs):
+                        jax.block_until_ready(f(x, wb) if i == 0 else f(x, w, s, zz))
+                print("ran", k, n, m, ["XLA bf16"] + [resolve(c, m, k, n, tgs, bits).name for c in cfgs], flush=True)
+                continue
             bf16 = median_us(jax.jit(lambda a, b: a @ b), x, wb)
             base = {"k": k, "n": n, "rows": m, "bits": bits, "group_size": tgs}
             out_rows.append({**base, "impl": "XLA bf16", "us": bf16, "x_bf16": 1.0})

@@ -7,10 +7,11 @@ G groups (``layout.num_groups``). The packed layout is the one of ``layout.py``.
 Dispatch (``implementation=None``), on a GPU:
   * M <= 16 (decode): the Pallas split-K GEMV / skinny GEMM of ``kernel.py``;
   * 16 < M < XLA_DEQUANT_MIN_ROWS[bits]: the Pallas tiled GEMM;
-  * larger M (prefill), 4-bit codes, bf16 activations, on a Hopper GPU, where it measured faster
-    (``kernel_mosaic.preferred``: 512 rows, or up to 2,048 rows with N >= 10,240): the fused
-    Mosaic GPU kernel of ``kernel_mosaic.py`` ("mosaic"; the decoded weight is wgmma's register
-    operand, 1.10-1.17x XLA's bf16 GEMM at K=5120 -> N=34816, 512-1,024 rows);
+  * larger M (prefill), 4-bit or 8-bit codes, bf16 activations, on a Hopper GPU, where it
+    measured faster (``kernel_mosaic.preferred``: 4-bit at 512 rows, or up to 2,048 rows with
+    N >= 10,240; 8-bit at 512 rows): the fused Mosaic GPU kernel of ``kernel_mosaic.py``
+    ("mosaic"; the decoded weight is wgmma's register operand, 1.10-1.17x XLA's bf16 GEMM at
+    K=5120 -> N=34816, 512-1,024 rows, int4; 1.3-1.5x at the smaller issue shapes);
   * other large M: the weight is dequantized to bf16 in one memory-bound pass (the Pallas
     ``kernel.dequantize_pallas``) and XLA runs its own bf16 GEMM ("xla_dequant", see
     ``dequantize_then_dot``). At these sizes the pass is small next to the GEMM, and our

@@ -61,9 +61,6 @@ from pallas_kernels.quant_matmul import layout
 MAGIC = 0x43004300  # bf16 pair (128, 128); OR-ing a 4-bit code into each mantissa gives 128 + c
 MAGIC_F32 = 0x4B000000  # fp32 2**23; OR-ing an 8-bit code into the mantissa gives 2**23 + c (exact)
 KERNEL_BITS = (4, 8)
-# Widths the prefill dispatch takes this kernel for: those measured faster than the pass + GEMM on a
-# GPU (8-bit codes, decoded in fp32, lower and match the reference on the CPU; not yet timed).
-PREFERRED_BITS = (4,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +74,8 @@ class MosaicConfig:
     the two compute warpgroups take turns on the tensor cores (a token passed through two shared
     memory barriers: a warpgroup issues its wgmma only after the other issued its own), so one
     warpgroup's wgmma runs while the other decodes its next fragment, instead of both decoding at
-    once and then sharing the tensor cores."""
+    once and then sharing the tensor cores (measured 1.5-4% faster at 256 tokens, not at 176:
+    NOTES round 13; ``choose_config`` sets it at 256)."""
 
     block_m: int = 256
     depth: int = 64
@@ -133,14 +131,15 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
 
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
 # work, so a grid of C CTAs takes ceil(C / SMs) waves, and a CTA's pipeline step costs about
-# ``block_m + STEP_OVERHEAD_ROWS`` token-rows of wgmma time (the decode and barrier time that the
-# tensor cores do not hide; the round-11 fit on an H100, NOTES round 12).
-STEP_OVERHEAD_ROWS = 138
+# ``block_m + STEP_OVERHEAD_ROWS`` token-rows of wgmma time (a per-step cost that does not grow
+# with block_m; fit on an H100 over block_m 128/176/192/256 at 17408 -> 5120, NOTES round 13,
+# where the model ranks the four block_m of every issue shape at 512 rows as measured).
+STEP_OVERHEAD_ROWS = 200
 BLOCK_M_CHOICES = (256, 192, 176, 128)
 DEFAULT_SMS = 132  # H100 SXM; the GPU's own count is used where jax reports it
-# Whether ``cfg=None`` takes ``choose_config`` (True only once the model's choices are measured
-# faster on the GPU; until then the measured default ``MosaicConfig()``).
-AUTO_CONFIG = False
+# Whether ``cfg=None`` takes ``choose_config`` (measured faster than ``MosaicConfig()`` at the
+# N = 5120 / 10240 shapes and equal elsewhere, NOTES round 13) or the fixed ``MosaicConfig()``.
+AUTO_CONFIG = True
 
 
 def num_sms() -> int:
@@ -172,7 +171,8 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     At 512 rows, N = 5120 (40 CTA columns) 176 tokens per CTA make 120 CTAs, one wave on 132
     SMs, where 256 give 80 CTAs; at N >= 34816, 256 keeps the decode amortised best."""
     sms = sms or num_sms()
-    cands = [MosaicConfig(block_m=bm) for bm in BLOCK_M_CHOICES]
+    # pingpong at 256 tokens: 1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower
+    cands = [MosaicConfig(block_m=bm, pingpong=bm == 256) for bm in BLOCK_M_CHOICES]
     cands = [c for c in cands if unsupported_reason(m, n, bits=bits, group_size=group_size,
                                                     in_features=in_features, cfg=c) is None]
     if not cands:
@@ -202,16 +202,17 @@ def available() -> bool:
 
 def preferred(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> bool:
     """Whether the prefill dispatch (M >= 512 rows) should take this kernel over the
-    dequantization pass + XLA bf16 GEMM: where it measured faster on an H100 (NOTES round 11).
+    dequantization pass + XLA bf16 GEMM: where it measured faster on an H100 (NOTES rounds 11, 13).
 
-    At 512 rows it wins at every issue shape; up to 2,048 rows where N >= 10,240 (a grid of at
-    least 80 CTA columns); from 4,096 rows, and at N = 5,120 beyond 512 rows, the pass + GEMM
-    path is faster (one CTA per 128 x 256 tile leaves SMs idle or a partial last wave).
+    4-bit codes: at 512 rows it wins at every issue shape; up to 2,048 rows where N >= 10,240 (a
+    grid of at least 80 CTA columns); from 4,096 rows, and at N = 5,120 beyond 512 rows, the pass
+    + GEMM path is faster (one CTA per 128 x 256 tile leaves SMs idle or a partial last wave).
+    8-bit codes: at 512 rows (5120 -> 34816 332 against 445 us, 17408 -> 5120 200 against 220).
     """
     if unsupported_reason(m, n, bits=bits, group_size=group_size, in_features=in_features):
         return False
-    if bits not in PREFERRED_BITS:
-        return False
+    if bits == 8:  # timed at 512 rows only (two shapes, both faster than the pass + GEMM)
+        return m <= 512
     return m <= 512 or (m <= 2048 and n >= 10240)
 
 

@@ -135,6 +135,22 @@ def test_choose_config_fills_the_grid():
                        for b in km.BLOCK_M_CHOICES)
     # a shape no candidate covers falls back to the defaults (the caller's unsupported_reason names why)
     assert km.choose_config(512, 1000, sms=132, **kw) == km.MosaicConfig()
+    # pingpong where it measured faster (256 tokens), not at 176
+    assert km.choose_config(512, 34816, sms=132, **kw).pingpong and not small.pingpong
+
+
+# block_m from fastest to slowest at 512 rows, K=5120 (N=5120: K=17408), int4 g128, measured on an
+# H100 in session 16 (NOTES round 13: e.g. N=5120 161.5 / 168.5 / 190.2 / 272.0 us)
+MEASURED_ORDER_512 = {34816: (256, 176, 192, 128), 17408: (256, 176, 192, 128), 5120: (176, 192, 256, 128),
+                      10240: (176, 192, 256, 128), 12288: (256, 128, 176, 192), 6144: (256, 128, 176, 192)}
+
+
+@pytest.mark.parametrize("n", sorted(MEASURED_ORDER_512))
+def test_grid_model_ranks_block_m_as_measured(n):
+    """The wave model (waves x (block_m + STEP_OVERHEAD_ROWS)) orders the four tile heights as the
+    GPU did at every issue shape: the check on STEP_OVERHEAD_ROWS and on the wave count."""
+    got = tuple(sorted(km.BLOCK_M_CHOICES, key=lambda b: km.modeled_cost(512, n, km.MosaicConfig(block_m=b), 132)))
+    assert got == MEASURED_ORDER_512[n]
 
 
 def test_default_config_follows_the_switch(monkeypatch):
@@ -149,7 +165,10 @@ def test_dispatch_rule():
     kw = dict(bits=4, group_size=128, in_features=5120)
     assert km.preferred(512, 5120, **kw) and km.preferred(2048, 34816, **kw)
     assert not km.preferred(1024, 5120, **kw) and not km.preferred(4096, 34816, **kw)
-    assert not km.preferred(512, 34816, bits=8, group_size=128, in_features=5120)
+    # 8-bit codes: at 512 rows (timed there only), not beyond; other widths never
+    assert km.preferred(512, 34816, bits=8, group_size=32, in_features=5120)
+    assert not km.preferred(1024, 34816, bits=8, group_size=32, in_features=5120)
+    assert not km.preferred(512, 34816, bits=3, group_size=128, in_features=5120)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="on a Hopper GPU the Mosaic kernel runs (test_kernel_matches_reference_gpu); "
