@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,10 @@ class MosaicConfig:
     memory barriers: a warpgroup issues its wgmma only after the other issued its own), so one
     warpgroup's wgmma runs while the other decodes its next fragment, instead of both decoding at
     once and then sharing the tensor cores (measured 1.5-4% faster at 256 tokens, not at 176:
-    NOTES round 13; ``choose_config`` sets it at 256)."""
+    NOTES round 13; ``choose_config`` sets it at 256). ``swizzle_words``: thread ``q`` reads word
+    rows ``8 (t // 2) + 2 q + t % 2`` of a step (not ``4 t + q``; the activations are permuted to
+    match) from a word tile TMA'd with the 128-byte swizzle, so a warp's word loads hit 32 distinct
+    banks instead of 8 (4-way conflicts); needs 8 | R word rows per step. Not yet timed."""
 
     block_m: int = 256
     depth: int = 64
@@ -83,6 +87,7 @@ class MosaicConfig:
     splits: int = 1
     token_split: bool = False
     pingpong: bool = False
+    swizzle_words: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -94,7 +99,7 @@ class MosaicConfig:
     def name(self) -> str:
         return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
                 + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else "")
-                + ("_pp" if self.pingpong else ""))
+                + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -122,6 +127,8 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
                 "with token_split)")
     r = rows_per_step(bits, cfg)
     s = layout.slab_rows(in_features, bits, group_size)
+    if cfg.swizzle_words and r % 8:
+        return f"swizzle_words needs a multiple of 8 word rows per step, not {r}"
     if s % r or scale_block_rows(in_features, bits, group_size) % r:
         return f"slab rows {s} / group size {group_size} not a multiple of {r} word rows per step"
     if (s // r) % cfg.splits:
@@ -228,6 +235,9 @@ def permute_activations(x, *, bits: int, group_size: int, in_features: int, cfg:
     m_rows = x.shape[0]
     mp = -(-m_rows // cfg.block_m) * cfg.block_m
     x = jnp.pad(x, ((0, mp - m_rows), (0, p * s - in_features)))
+    if cfg.swizzle_words:  # row 8 t2 + 2 q + t1 of the step, t = 2 t2 + t1
+        x7 = x.reshape(mp, 2, p // 2, s // r, r // 8, 4, 2)  # [M, e, m, c, t2, q, t1]
+        return x7.transpose(0, 3, 4, 6, 2, 5, 1).reshape(mp, p * s)
     x6 = x.reshape(mp, 2, p // 2, s // r, r // 4, 4)  # [M, e, m, c, t, q]
     return x6.transpose(0, 3, 4, 2, 5, 1).reshape(mp, p * s)
 
@@ -263,7 +273,35 @@ def pair_scales(scales, zeros, *, bits: int, group_size: int, in_features: int):
     return sc, _pairs_u32(zb[:, :half], zb[:, half:])
 
 
-def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True):
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+    """Integer ops for ``word_coords``: MLIR arith builders in the kernel, Python ints in tests."""
+    add: object = operator.add
+    mul: object = operator.mul
+    xor: object = operator.xor
+    and_: object = operator.and_
+    shl: object = operator.lshift
+    shr: object = operator.rshift
+    const: object = int
+
+
+def word_coords(q, t: int, n, *, swizzled: bool, ops: _Ops = _Ops()):
+    """Indices into a step's word tile of the word that thread quad-lane ``q`` decodes as its
+    ``t``-th word of output feature ``n`` (0..127 within the CTA).
+
+    Plain: tile ``[R, 128]``, row ``4 t + q``. ``swizzled``: tile ``[R/8, 4, 8, 32]`` (8 x 32-word
+    tiles) written by TMA with the 128-byte swizzle (16-byte chunk index XOR row % 8), row
+    ``8 (t // 2) + 2 q + t % 2``, so the 32 lanes of a warp (8 features x 4 q) read 32 banks."""
+    k = ops.const
+    if not swizzled:
+        return (ops.add(q, k(4 * t)), n)
+    row8 = ops.add(ops.mul(q, k(2)), k(t % 2))
+    col = ops.xor(ops.and_(n, k(31)), ops.shl(row8, k(2)))
+    return (k(t // 2), ops.shr(n, k(5)), row8, col)
+
+
+def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True,
+                     swizzled: bool = False):
     """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc).
 
     ``w_ref`` is the step's ``uint32 [R, 128]`` word tile, ``sc_ref``/``zb_ref`` its
@@ -311,6 +349,9 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         def widen(pair):  # uint32 bf16 pair -> vector<2xf32> (exact)
             return f32_pair(arith.shli(pair, c(16)), arith.andi(pair, c(-65536)))
 
+        mlir_ops = _Ops(add=arith.addi, mul=arith.muli, xor=arith.xori, and_=arith.andi, shl=arith.shli,
+                        shr=arith.shrui, const=c)
+
         def load_pairs(ref, n):
             return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) for m in range(half)]
 
@@ -327,7 +368,8 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                 scale = [as_pair(v) for v in load_pairs(sc, n)]
                 zero = [as_pair(v) for v in load_pairs(zb[0], n)] if zb else [zb_const] * half
             for t in range(words_per_thread):
-                word = memref.load(w, [ix(arith.addi(q, c(4 * t))), n])
+                coords = word_coords(q, t, arith.addi(n0, c(8 * h)), swizzled=swizzled, ops=mlir_ops)
+                word = memref.load(w, [ix(v) for v in coords])
                 for m in range(half):
                     if bits == 8:
                         fields = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
@@ -348,10 +390,18 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
 
     refs = (w_ref, sc_ref) + ((zb_ref,) if zb_ref is not None else ())
     fn = plgpu.inline_mgpu(
-        arg_types=tuple(plgpu.RefType() for _ in refs),
+        arg_types=(plgpu.RefType(WORD_TRANSFORMS() if swizzled else ()),)
+        + tuple(plgpu.RefType() for _ in refs[1:]),
         return_type=plgpu.ShapeDtypeStruct((64, depth), jnp.bfloat16, plgpu.Layout.WGMMA),
     )(body)
     return fn(*refs)
+
+
+def WORD_TRANSFORMS():  # noqa: N802 - a constant that needs plgpu imported
+    """Shared-memory transforms of the word tile with ``swizzle_words``: 8 x 32-word (128-byte)
+    tiles, 128-byte swizzle (16-byte chunk index XOR row % 8, which ``_decode_fragment`` undoes)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
 def _check_layout_assumptions():
@@ -414,7 +464,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         def step(_, x_smem, w_smem, sc_smem, *more):
             zb_smem = more[0] if has_zeros else None
             acc_ref = more[-1]
-            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d, by_warpgroup=not ts)
+            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d, by_warpgroup=not ts,
+                                 swizzled=cfg.swizzle_words)
             x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
             if pp:
                 plgpu.barrier_wait(turn.at[wg])
@@ -462,7 +513,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
 
         specs = [
             plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
-            plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni)),
+            plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni),
+                            transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
             plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni)),
         ]
         if has_zeros:
@@ -520,6 +572,9 @@ def emulate(x, packed, scales, zeros, *, bits: int, group_size: int, in_features
     n = packed.shape[1]
     steps = s // r
     words = packed.astype(jnp.uint32).reshape(steps, r // 4, 4, n)  # [c, t, q, n]
+    if cfg.swizzle_words:  # row 8 t2 + 2 q + t1 -> [c, t = 2 t2 + t1, q, n]
+        words = packed.astype(jnp.uint32).reshape(steps, r // 8, 4, 2, n).transpose(0, 1, 3, 2, 4)
+        words = words.reshape(steps, r // 4, 4, n)
     u_of_c = (np.arange(steps) * r) // gsr
     mask = jnp.uint32((1 << bits) - 1 | ((1 << bits) - 1) << 16)
 

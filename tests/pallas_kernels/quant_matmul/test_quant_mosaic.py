@@ -56,6 +56,55 @@ def test_int8_decode_is_exact(rng, zeros):
     np.testing.assert_array_equal(got, w)
 
 
+@pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
+@pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
+def test_emulated_swizzled_order_matches_reference(rng, case, bits):
+    """``swizzle_words`` changes which word rows a thread takes and so the activations' permutation:
+    the two must still agree (``emulate`` rebuilds the fragments in the swizzled order)."""
+    m, k, n, gs, z = case
+    cfg = km.MosaicConfig(swizzle_words=True)
+    _, packed, scales, zeros = make_case(rng, k, n, bits, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    assert km.unsupported_reason(m, n, bits=bits, group_size=gs, in_features=k, cfg=cfg) is None
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k)
+    out = km.emulate(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k, cfg=cfg)
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+
+
+@pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
+def test_word_coords_undo_the_swizzle_without_bank_conflicts(bits):
+    """The addresses ``_decode_fragment`` loads (``word_coords``, with Python ints), mapped back
+    through the 128-byte swizzle as Mosaic GPU models it (byte offset XOR ((offset // 128) % 8) * 16,
+    offsets from the 1024-byte aligned stage buffer), are the words of the documented order; each
+    warp load touches 32 distinct banks (the plain tile: 8 banks, 4-way conflicts)."""
+    r = km.rows_per_step(bits, km.MosaicConfig())
+    words_per_thread = r // 4
+    worst = {}
+    for swizzled in (False, True):
+        worst[swizzled] = 0
+        for warp in range(4):
+            for g in range(2):
+                for h in range(2):
+                    for t in range(words_per_thread):
+                        banks = []
+                        for lane in range(32):
+                            q, n = lane % 4, 64 * g + 16 * warp + lane // 4 + 8 * h
+                            coords = km.word_coords(q, t, n, swizzled=swizzled)
+                            if swizzled:
+                                tb, cb, row8, col = coords
+                                phys = (((tb * 4 + cb) * 8 + row8) * 32 + col) * 4  # bytes, [R/8, 4, 8, 32]
+                                logical = phys ^ (((phys // 128) % 8) << 4)
+                                tb, cb, row8, col = np.unravel_index(logical // 4, (r // 8, 4, 8, 32))
+                                assert (tb * 8 + row8, cb * 32 + col) == (8 * (t // 2) + 2 * q + t % 2, n)
+                            else:
+                                row, col = coords
+                                assert (row, col) == (4 * t + q, n)
+                                phys = (row * 128 + col) * 4
+                            banks.append((phys // 4) % 32)
+                        worst[swizzled] = max(worst[swizzled], max(np.bincount(banks)))
+    assert worst == {False: 4, True: 1}
+
+
 @pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.float32])
 def test_emulated_kernel_with_wider_scales(rng, scale_dtype):
     """fp16 / fp32 scales (GPTQ checkpoints store fp16) are rounded to bf16 before the product: a
@@ -184,9 +233,10 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
 @pytest.mark.parametrize("cfg,zeros", [(km.MosaicConfig(), False), (km.MosaicConfig(128, 64, 3, 2), True),
                                        (km.MosaicConfig(token_split=True), True),
                                        (km.MosaicConfig(176, pingpong=True), True),
-                                       (km.MosaicConfig(pingpong=True, token_split=True), False)],
+                                       (km.MosaicConfig(pingpong=True, token_split=True), False),
+                                       (km.MosaicConfig(176, pingpong=True, swizzle_words=True), True)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
-                              "pingpong-token-split"])
+                              "pingpong-token-split", "m176-pingpong-swizzled-zeros"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
@@ -208,7 +258,8 @@ def test_lowers_for_cuda(cfg, zeros, bits):
                          ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2),
                                  km.MosaicConfig(token_split=True), km.MosaicConfig(pingpong=True),
-                                 km.MosaicConfig(176, pingpong=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(176, pingpong=True), km.MosaicConfig(swizzle_words=True),
+                                 km.MosaicConfig(176, swizzle_words=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
@@ -229,7 +280,8 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
 @pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 32, True)],
                          ids=lambda c: f"int8-{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
-@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True)], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True)], ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
     m, k, n, gs, z = case
