@@ -355,20 +355,21 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         def load_pairs(ref, n):
             return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) for m in range(half)]
 
+        def f32x2_splat(v):
+            return arith.constant(f32x2, ir.DenseElementsAttr.get_splat(f32x2, ir.FloatAttr.get(ir.F32Type.get(), v)))
+
         for h in range(2):
-            n = ix(arith.addi(n0, c(8 * h)))
+            n_h = arith.addi(n0, c(8 * h))
+            n = ix(n_h)
             if bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
                 scale = [widen(v) for v in load_pairs(sc, n)]
-                big = arith.constant(f32x2, ir.DenseElementsAttr.get_splat(
-                    f32x2, ir.FloatAttr.get(ir.F32Type.get(), float(2 ** 23))))
-                zero = ([arith.addf(widen(v), big) for v in load_pairs(zb[0], n)] if zb else
-                        [arith.constant(f32x2, ir.DenseElementsAttr.get_splat(
-                            f32x2, ir.FloatAttr.get(ir.F32Type.get(), float(2 ** 23 + z))))] * half)
+                zero = ([arith.addf(widen(v), f32x2_splat(float(2 ** 23))) for v in load_pairs(zb[0], n)]
+                        if zb else [f32x2_splat(float(2 ** 23 + z))] * half)
             else:  # bf16 pairs: 128 + c - (128 + zero) exact, one rounding in the product
                 scale = [as_pair(v) for v in load_pairs(sc, n)]
                 zero = [as_pair(v) for v in load_pairs(zb[0], n)] if zb else [zb_const] * half
             for t in range(words_per_thread):
-                coords = word_coords(q, t, arith.addi(n0, c(8 * h)), swizzled=swizzled, ops=mlir_ops)
+                coords = word_coords(q, t, n_h, swizzled=swizzled, ops=mlir_ops)
                 word = memref.load(w, [ix(v) for v in coords])
                 for m in range(half):
                     if bits == 8:
@@ -571,10 +572,11 @@ def emulate(x, packed, scales, zeros, *, bits: int, group_size: int, in_features
     sc, zb = pair_scales(scales, zeros, bits=bits, group_size=group_size, in_features=in_features)
     n = packed.shape[1]
     steps = s // r
-    words = packed.astype(jnp.uint32).reshape(steps, r // 4, 4, n)  # [c, t, q, n]
     if cfg.swizzle_words:  # row 8 t2 + 2 q + t1 -> [c, t = 2 t2 + t1, q, n]
         words = packed.astype(jnp.uint32).reshape(steps, r // 8, 4, 2, n).transpose(0, 1, 3, 2, 4)
         words = words.reshape(steps, r // 4, 4, n)
+    else:
+        words = packed.astype(jnp.uint32).reshape(steps, r // 4, 4, n)  # [c, t, q, n]
     u_of_c = (np.arange(steps) * r) // gsr
     mask = jnp.uint32((1 << bits) - 1 | ((1 << bits) - 1) << 16)
 
