@@ -79,7 +79,13 @@ class MosaicConfig:
     NOTES round 13; ``choose_config`` sets it at 256). ``swizzle_words``: thread ``q`` reads word
     rows ``8 (t // 2) + 2 q + t % 2`` of a step (not ``4 t + q``; the activations are permuted to
     match) from a word tile TMA'd with the 128-byte swizzle, so a warp's word loads hit 32 distinct
-    banks instead of 8 (4-way conflicts); needs 8 | R word rows per step. Not yet timed."""
+    banks instead of 8 (4-way conflicts); needs 8 | R word rows per step (2-4% faster at every
+    issue shape, NOTES round 14). ``interleave``: each compute warpgroup decodes and issues its
+    step in 16-deep slices (one wgmma each, x TMA'd with the 32-byte swizzle so a slice is a whole
+    tile), so the decode of slice j + 1 runs while the wgmma of slice j is on the tensor cores;
+    without it a warpgroup decodes the whole step, then waits for its wgmma (the ncu profile of
+    round 14: ~510 of ~930 cycles per step decoding, ~280 waiting, the tensor pipe idle meanwhile
+    unless the other warpgroup fills it). Not with ``pingpong``."""
 
     block_m: int = 256
     depth: int = 64
@@ -88,6 +94,7 @@ class MosaicConfig:
     token_split: bool = False
     pingpong: bool = False
     swizzle_words: bool = False
+    interleave: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -99,7 +106,8 @@ class MosaicConfig:
     def name(self) -> str:
         return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
                 + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else "")
-                + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else ""))
+                + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else "")
+                + ("_il" if self.interleave else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -127,6 +135,8 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
                 "with token_split)")
     r = rows_per_step(bits, cfg)
     s = layout.slab_rows(in_features, bits, group_size)
+    if cfg.interleave and cfg.pingpong:
+        return "interleave and pingpong are exclusive (both schedule the wgmmas of a step)"
     if cfg.swizzle_words and r % 8:
         return f"swizzle_words needs a multiple of 8 word rows per step, not {r}"
     if s % r or scale_block_rows(in_features, bits, group_size) % r:
@@ -178,13 +188,26 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     At 512 rows, N = 5120 (40 CTA columns) 176 tokens per CTA make 120 CTAs, one wave on 132
     SMs, where 256 give 80 CTAs; at N >= 34816, 256 keeps the decode amortised best."""
     sms = sms or num_sms()
-    # pingpong at 256 tokens: 1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower
-    cands = [MosaicConfig(block_m=bm, pingpong=bm == 256) for bm in BLOCK_M_CHOICES]
-    cands = [c for c in cands if unsupported_reason(m, n, bits=bits, group_size=group_size,
-                                                    in_features=in_features, cfg=c) is None]
+    cands = [c for c in map(schedule, BLOCK_M_CHOICES)
+             if unsupported_reason(m, n, bits=bits, group_size=group_size, in_features=in_features,
+                                   cfg=c) is None]
     if not cands:
         return MosaicConfig()
     return min(cands, key=lambda c: (modeled_cost(m, n, c, sms), -c.block_m))
+
+
+# The schedule ``choose_config`` gives a tile height (measured on an H100, NOTES rounds 13-14).
+SWIZZLE_WORDS = True  # 2-4% faster at all seven issue shapes, int4 and int8 (round 14)
+INTERLEAVE = False
+
+
+def schedule(block_m: int) -> MosaicConfig:
+    """The config ``choose_config`` gives a ``block_m`` (depth 64: 8 word rows per step at 4 bits,
+    16 at 8, so ``swizzle_words`` always applies)."""
+    if INTERLEAVE:
+        return MosaicConfig(block_m=block_m, swizzle_words=SWIZZLE_WORDS, interleave=True)
+    # pingpong at 256 tokens: 1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower
+    return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=SWIZZLE_WORDS)
 
 
 def default_config(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> MosaicConfig:
@@ -301,8 +324,9 @@ def word_coords(q, t: int, n, *, swizzled: bool, ops: _Ops = _Ops()):
 
 
 def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True,
-                     swizzled: bool = False):
-    """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc).
+                     swizzled: bool = False, cts: tuple[int, ...] | None = None):
+    """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc), or with
+    ``cts`` only those 8-column tiles of it, ``bf16 [64, 8 len(cts)]`` (a slice of the step).
 
     ``w_ref`` is the step's ``uint32 [R, 128]`` word tile, ``sc_ref``/``zb_ref`` its
     ``uint32 [1, p/2, 128]`` scale (and ``128 + zero``) pairs; ``zb_ref`` None means symmetric
@@ -316,7 +340,11 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
 
     p = layout.codes_per_word(bits)
     half = p // 2
-    words_per_thread = depth // (4 * p)
+    cts = tuple(range(depth // 8)) if cts is None else tuple(cts)
+    needed = {}  # word t -> the fields m decoded from it, in register order
+    for ct in cts:
+        t, m = divmod(ct, half)
+        needed.setdefault(t, []).append(m)
 
     def body(_ctx, w, sc, *zb):
         i32 = ir.IntegerType.get_signless(32)
@@ -333,7 +361,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
             n0 = arith.addi(n0, arith.muli(wg, c(64)))
         as_pair = lambda v: mu.bitcast(v, bf16x2)  # noqa: E731
         ix = lambda v: arith.index_cast(index, v)  # noqa: E731
-        shape = (64, depth)
+        shape = (64, 8 * len(cts))
         reg_shape = mgpu.WGMMA_LAYOUT.registers_shape(shape)
         regs = np.empty(reg_shape, dtype=object)
         z = 2 ** (bits - 1)  # symmetric codes: 128 + zero in both halves, the magic's own trick
@@ -352,8 +380,10 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         mlir_ops = _Ops(add=arith.addi, mul=arith.muli, xor=arith.xori, and_=arith.andi, shl=arith.shli,
                         shr=arith.shrui, const=c)
 
-        def load_pairs(ref, n):
-            return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) for m in range(half)]
+        ms = sorted({m for fields in needed.values() for m in fields})
+
+        def load_pairs(ref, n):  # the pairs of fields m (None where this slice needs none)
+            return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) if m in ms else None for m in range(half)]
 
         def f32x2_splat(v):
             return arith.constant(f32x2, ir.DenseElementsAttr.get_splat(f32x2, ir.FloatAttr.get(ir.F32Type.get(), v)))
@@ -361,17 +391,18 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         for h in range(2):
             n_h = arith.addi(n0, c(8 * h))
             n = ix(n_h)
+            keep = lambda f, vs: [v if v is None else f(v) for v in vs]  # noqa: E731
             if bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
-                scale = [widen(v) for v in load_pairs(sc, n)]
-                zero = ([arith.addf(widen(v), f32x2_splat(float(2 ** 23))) for v in load_pairs(zb[0], n)]
+                scale = keep(widen, load_pairs(sc, n))
+                zero = (keep(lambda v: arith.addf(widen(v), f32x2_splat(float(2 ** 23))), load_pairs(zb[0], n))
                         if zb else [f32x2_splat(float(2 ** 23 + z))] * half)
             else:  # bf16 pairs: 128 + c - (128 + zero) exact, one rounding in the product
-                scale = [as_pair(v) for v in load_pairs(sc, n)]
-                zero = [as_pair(v) for v in load_pairs(zb[0], n)] if zb else [zb_const] * half
-            for t in range(words_per_thread):
+                scale = keep(as_pair, load_pairs(sc, n))
+                zero = keep(as_pair, load_pairs(zb[0], n)) if zb else [zb_const] * half
+            for t, fields in needed.items():
                 coords = word_coords(q, t, n_h, swizzled=swizzled, ops=mlir_ops)
                 word = memref.load(w, [ix(v) for v in coords])
-                for m in range(half):
+                for m in fields:
                     if bits == 8:
                         fields = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
                                   for j in (m, m + half)]
@@ -381,7 +412,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                         v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
                         val = arith.mulf(arith.subf(as_pair(v), zero[m]), scale[m])
                     idx = [0] * len(reg_shape)
-                    idx[1] = t * half + m
+                    idx[1] = cts.index(t * half + m)
                     idx[4] = h
                     regs[tuple(idx)] = val
         assert all(r is not None for r in regs.flat), "fragment register left unset"
@@ -393,7 +424,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
     fn = plgpu.inline_mgpu(
         arg_types=(plgpu.RefType(WORD_TRANSFORMS() if swizzled else ()),)
         + tuple(plgpu.RefType() for _ in refs[1:]),
-        return_type=plgpu.ShapeDtypeStruct((64, depth), jnp.bfloat16, plgpu.Layout.WGMMA),
+        return_type=plgpu.ShapeDtypeStruct((64, 8 * len(cts)), jnp.bfloat16, plgpu.Layout.WGMMA),
     )(body)
     return fn(*refs)
 
@@ -447,7 +478,9 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     steps = kp // d // splits  # pipeline steps per CTA
     has_zeros = zb is not None
 
-    x_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    # interleave: 16-deep slices of the x tile must be whole tiles (32-byte rows, 32-byte swizzle)
+    x_transforms = ((plgpu.TilingTransform((8, 16)), plgpu.SwizzleTransform(32)) if cfg.interleave
+                    else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
     o_transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
     pp = cfg.pingpong
@@ -465,9 +498,16 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         def step(_, x_smem, w_smem, sc_smem, *more):
             zb_smem = more[0] if has_zeros else None
             acc_ref = more[-1]
-            a = _decode_fragment(w_smem, sc_smem, zb_smem, bits=bits, depth=d, by_warpgroup=not ts,
-                                 swizzled=cfg.swizzle_words)
             x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
+            decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
+                                       by_warpgroup=not ts, swizzled=cfg.swizzle_words)
+            if cfg.interleave:  # slice j's decode is issued after slice j - 1's wgmma
+                for j in range(d // 16):
+                    plgpu.wgmma(acc_ref, decode(cts=(2 * j, 2 * j + 1)),
+                                plgpu.transpose_ref(x_wg.at[:, pl.ds(16 * j, 16)], (1, 0)))
+                plgpu.wgmma_wait(0)
+                return acc_ref
+            a = decode()
             if pp:
                 plgpu.barrier_wait(turn.at[wg])
             plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_wg, (1, 0)))

@@ -160,6 +160,8 @@ def test_unsupported_cases_are_named():
         block_m=8, token_split=True), **kw)
     assert "splits=3" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(splits=3), **kw)
     assert "group size 4" in km.unsupported_reason(512, 256, bits=4, group_size=4, in_features=512)
+    assert "exclusive" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(
+        pingpong=True, interleave=True), **kw)
     with pytest.raises(NotImplementedError, match="4-bit and 8-bit"):
         km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((32, 128), jnp.uint32),
                                jnp.ones((4, 128), jnp.bfloat16), None, bits=2, group_size=128,
@@ -186,6 +188,9 @@ def test_choose_config_fills_the_grid():
     assert km.choose_config(512, 1000, sms=132, **kw) == km.MosaicConfig()
     # pingpong where it measured faster (256 tokens), not at 176
     assert km.choose_config(512, 34816, sms=132, **kw).pingpong and not small.pingpong
+    # the swizzled word tile everywhere (faster at all seven issue shapes, int4 and int8)
+    assert small.swizzle_words and km.choose_config(512, 5120, sms=132, bits=8, group_size=32,
+                                                    in_features=5120).swizzle_words
 
 
 # block_m from fastest to slowest at 512 rows, K=5120 (N=5120: K=17408), int4 g128, measured on an
@@ -234,9 +239,12 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(token_split=True), True),
                                        (km.MosaicConfig(176, pingpong=True), True),
                                        (km.MosaicConfig(pingpong=True, token_split=True), False),
-                                       (km.MosaicConfig(176, pingpong=True, swizzle_words=True), True)],
+                                       (km.MosaicConfig(176, pingpong=True, swizzle_words=True), True),
+                                       (km.MosaicConfig(176, swizzle_words=True, interleave=True), True),
+                                       (km.MosaicConfig(128, 128, 2, 2, token_split=True, interleave=True), False)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
-                              "pingpong-token-split", "m176-pingpong-swizzled-zeros"])
+                              "pingpong-token-split", "m176-pingpong-swizzled-zeros", "m176-swizzled-interleaved-zeros",
+                              "d128-split2-token-split-interleaved"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
@@ -259,7 +267,9 @@ def test_lowers_for_cuda(cfg, zeros, bits):
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(128, 64, 4, 2),
                                  km.MosaicConfig(token_split=True), km.MosaicConfig(pingpong=True),
                                  km.MosaicConfig(176, pingpong=True), km.MosaicConfig(swizzle_words=True),
-                                 km.MosaicConfig(176, swizzle_words=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(176, swizzle_words=True),
+                                 km.MosaicConfig(176, swizzle_words=True, interleave=True),
+                                 km.MosaicConfig(interleave=True, token_split=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
@@ -281,7 +291,8 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
 @pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 32, True)],
                          ids=lambda c: f"int8-{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True),
-                                 km.MosaicConfig(pingpong=True, swizzle_words=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True),
+                                 km.MosaicConfig(swizzle_words=True, interleave=True)], ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
     m, k, n, gs, z = case
