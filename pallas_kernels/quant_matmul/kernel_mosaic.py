@@ -80,12 +80,12 @@ class MosaicConfig:
     rows ``8 (t // 2) + 2 q + t % 2`` of a step (not ``4 t + q``; the activations are permuted to
     match) from a word tile TMA'd with the 128-byte swizzle, so a warp's word loads hit 32 distinct
     banks instead of 8 (4-way conflicts); needs 8 | R word rows per step (2-4% faster at every
-    issue shape, NOTES round 14). ``interleave``: each compute warpgroup decodes and issues its
-    step in 16-deep slices (one wgmma each, x TMA'd with the 32-byte swizzle so a slice is a whole
-    tile), so the decode of slice j + 1 runs while the wgmma of slice j is on the tensor cores;
-    without it a warpgroup decodes the whole step, then waits for its wgmma (the ncu profile of
-    round 14: ~510 of ~930 cycles per step decoding, ~280 waiting, the tensor pipe idle meanwhile
-    unless the other warpgroup fills it). Not with ``pingpong``."""
+    issue shape, NOTES round 14; ``choose_config`` sets it). ``interleave``: each compute warpgroup
+    decodes and issues its step in 16-deep slices (one wgmma each, x TMA'd with the 32-byte swizzle
+    so a slice is a whole tile), meant to overlap the decode of slice j + 1 with the wgmma of slice
+    j (round 14's profile: a warpgroup spends ~510 of ~930 cycles per step decoding and ~280
+    waiting for its own wgmma); correct, but measured 13-44% slower at every issue shape (round
+    14), kept for experiments. Not with ``pingpong``."""
 
     block_m: int = 256
     depth: int = 64
@@ -196,18 +196,12 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     return min(cands, key=lambda c: (modeled_cost(m, n, c, sms), -c.block_m))
 
 
-# The schedule ``choose_config`` gives a tile height (measured on an H100, NOTES rounds 13-14).
-SWIZZLE_WORDS = True  # 2-4% faster at all seven issue shapes, int4 and int8 (round 14)
-INTERLEAVE = False
-
-
 def schedule(block_m: int) -> MosaicConfig:
-    """The config ``choose_config`` gives a ``block_m`` (depth 64: 8 word rows per step at 4 bits,
-    16 at 8, so ``swizzle_words`` always applies)."""
-    if INTERLEAVE:
-        return MosaicConfig(block_m=block_m, swizzle_words=SWIZZLE_WORDS, interleave=True)
-    # pingpong at 256 tokens: 1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower
-    return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=SWIZZLE_WORDS)
+    """The config ``choose_config`` gives a ``block_m`` (measured on an H100, NOTES rounds 13-14):
+    pingpong at 256 tokens (1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower), the
+    swizzled word tile everywhere (2-4% faster at all seven, int4 and int8; depth 64 gives 8 word
+    rows per step at 4 bits and 16 at 8, so it always applies); not ``interleave`` (13-44% slower)."""
+    return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=True)
 
 
 def default_config(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> MosaicConfig:
