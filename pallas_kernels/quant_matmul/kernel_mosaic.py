@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 
 import jax
@@ -85,7 +86,12 @@ class MosaicConfig:
     so a slice is a whole tile), meant to overlap the decode of slice j + 1 with the wgmma of slice
     j (round 14's profile: a warpgroup spends ~510 of ~930 cycles per step decoding and ~280
     waiting for its own wgmma); correct, but measured 13-44% slower at every issue shape (round
-    14), kept for experiments. Not with ``pingpong``."""
+    14), kept for experiments. Not with ``pingpong``. ``tail_splits`` (> 1, or 0 for ``tail_plan``'s
+    choice): a hybrid grid where the tiles that fill whole waves of CTAs (one per SM) run as usual
+    and the rest, the partial last wave, run as a second launch split-K by ``tail_splits`` (fp32
+    partials summed by XLA into the first launch's output in place), so a grid of 2.06 waves takes
+    about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Not yet
+    timed."""
 
     block_m: int = 256
     depth: int = 64
@@ -95,6 +101,7 @@ class MosaicConfig:
     pingpong: bool = False
     swizzle_words: bool = False
     interleave: bool = False
+    tail_splits: int = 1
 
     @property
     def cta_n(self) -> int:
@@ -107,7 +114,8 @@ class MosaicConfig:
         return (f"mosaic_m{self.block_m}_d{self.depth}_st{self.stages}"
                 + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else "")
                 + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else "")
-                + ("_il" if self.interleave else ""))
+                + ("_il" if self.interleave else "")
+                + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}")))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -143,7 +151,41 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
         return f"slab rows {s} / group size {group_size} not a multiple of {r} word rows per step"
     if (s // r) % cfg.splits:
         return f"splits={cfg.splits} does not divide the {s // r} pipeline steps"
+    wm = cfg.block_m // 2 if cfg.token_split else cfg.block_m
+    if (cfg.splits > 1 or cfg.tail_splits != 1) and wm % 32:
+        return (f"split-K partials are stored in 32-token chunks: {wm} tokens per warpgroup "
+                f"(block_m={cfg.block_m}) is not a multiple of 32")
+    if cfg.tail_splits != 1 and cfg.splits > 1:
+        return "tail_splits and splits are exclusive (split-K for the whole grid or for its last wave)"
+    if cfg.tail_splits < 0 or (cfg.tail_splits and (s // r) % cfg.tail_splits):
+        return f"tail_splits={cfg.tail_splits} does not divide the {s // r} pipeline steps"
     return None
+
+
+MAX_TAIL_SPLITS = 16
+ANY_STEPS = math.lcm(*range(1, MAX_TAIL_SPLITS + 1))  # a step count every tail split divides
+
+
+def tail_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None = None):
+    """``(whole, tail, splits)`` for ``cfg.tail_splits``: feature tiles (of ``cta_n``) computed
+    whole in the first launch, feature tiles split-K ``splits`` ways in the second. ``whole``
+    fills as many full waves of ``sms`` CTAs as fit (the token tiles of a feature tile go
+    together), ``tail`` is the rest (all of it for a grid under one wave). ``tail_splits == 0``
+    picks the largest divisor of the ``steps`` (pipeline steps of a tile) up to
+    ``MAX_TAIL_SPLITS`` whose tail launch fits one wave. No tail (``(all, 0, 1)``) when the waves
+    come out even or the split is 1."""
+    sms = sms or num_sms()
+    n_tiles = n // cfg.cta_n
+    m_tiles = -(-m // cfg.block_m)
+    whole = (n_tiles * m_tiles) // sms * sms // m_tiles
+    tail = n_tiles - whole
+    splits = cfg.tail_splits
+    if tail and not splits:
+        fit = max(1, sms // (tail * m_tiles))
+        splits = max(d for d in range(1, min(fit, MAX_TAIL_SPLITS) + 1) if steps % d == 0)
+    if not tail or splits <= 1:
+        return n_tiles, 0, 1
+    return whole, tail, splits
 
 
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
@@ -172,12 +214,21 @@ def grid_ctas(m: int, n: int, cfg: MosaicConfig) -> int:
     return (n // cfg.cta_n) * -(-m // cfg.block_m) * cfg.splits
 
 
-def modeled_cost(m: int, n: int, cfg: MosaicConfig, sms: int | None = None) -> int:
+def modeled_cost(m: int, n: int, cfg: MosaicConfig, sms: int | None = None,
+                 steps: int = ANY_STEPS) -> int:
     """Relative time of the launch under the grid model: waves x (block_m + overhead) per
     step (the steps per CTA are the same for every ``block_m``; split-K divides them, and the
-    model leaves out the fp32 partials' round trip, which round 11 measured as not paying)."""
-    waves = -(-grid_ctas(m, n, cfg) // (sms or num_sms()))
-    return waves * (cfg.block_m + STEP_OVERHEAD_ROWS) // cfg.splits
+    model leaves out the fp32 partials' round trip, which round 11 measured as not paying, and
+    with ``tail_splits`` the second launch's; ``steps`` per tile matter only to ``tail_splits=0``)."""
+    sms = sms or num_sms()
+    unit = cfg.block_m + STEP_OVERHEAD_ROWS
+    if cfg.tail_splits != 1:
+        whole, tail, splits = tail_plan(m, n, cfg, steps=steps, sms=sms)
+        m_tiles = -(-m // cfg.block_m)
+        tail_waves = -(-tail * m_tiles * splits // sms)
+        return -(-whole * m_tiles // sms) * unit + tail_waves * unit // splits
+    waves = -(-grid_ctas(m, n, cfg) // sms)
+    return waves * unit // cfg.splits
 
 
 def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: int,
@@ -466,10 +517,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     sc, zb = pair_scales(scales, zeros, bits=bits, group_size=group_size, in_features=in_features)
     mp, kp = xp.shape
     bm, d = cfg.block_m, cfg.depth
-    splits = cfg.splits
     ts, cta_n = cfg.token_split, cfg.cta_n
     wm = bm // 2 if ts else bm  # tokens per compute warpgroup
-    steps = kp // d // splits  # pipeline steps per CTA
     has_zeros = zb is not None
 
     # interleave: 16-deep slices of the x tile must be whole tiles (32-byte rows, 32-byte swizzle)
@@ -479,116 +528,134 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
 
     pp = cfg.pingpong
 
-    def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
-        zb_gmem = rest[0] if has_zeros else None
-        if pp:  # turn[g]: compute warpgroup g may issue its wgmma (phases counted per thread)
-            *rest, turn = rest
-        out_gmem = rest[-1]
-        ni = lax.axis_index("n")
-        mi = lax.axis_index("m")
-        wg = lax.axis_index("wg")
-        c0 = lax.axis_index("k") * steps  # first pipeline step of this CTA's reduction range
+    def launch(splits: int, n0: int, n_grid: int):
+        """One kernel over feature tiles ``[n0, n0 + n_grid)``: ``splits == 1`` writes them into a
+        bf16 ``out [Mp, N]`` (other columns left unwritten), else fp32 partials out^T
+        ``[splits, n_grid cta_n, Mp]``."""
+        steps = kp // d // splits  # pipeline steps per CTA
 
-        def step(_, x_smem, w_smem, sc_smem, *more):
-            zb_smem = more[0] if has_zeros else None
-            acc_ref = more[-1]
-            x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
-            decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
-                                       by_warpgroup=not ts, swizzled=cfg.swizzle_words)
-            if cfg.interleave:  # slice j's decode is issued after slice j - 1's wgmma
-                for j in range(d // 16):
-                    plgpu.wgmma(acc_ref, decode(cts=(2 * j, 2 * j + 1)),
-                                plgpu.transpose_ref(x_wg.at[:, pl.ds(16 * j, 16)], (1, 0)))
+        def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
+            zb_gmem = rest[0] if has_zeros else None
+            if pp:  # turn[g]: compute warpgroup g may issue its wgmma (phases counted per thread)
+                *rest, turn = rest
+            out_gmem = rest[-1]
+            ni = lax.axis_index("n")
+            mi = lax.axis_index("m")
+            wg = lax.axis_index("wg")
+            c0 = lax.axis_index("k") * steps  # first pipeline step of this CTA's reduction range
+
+            def step(_, x_smem, w_smem, sc_smem, *more):
+                zb_smem = more[0] if has_zeros else None
+                acc_ref = more[-1]
+                x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
+                decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
+                                           by_warpgroup=not ts, swizzled=cfg.swizzle_words)
+                if cfg.interleave:  # slice j's decode is issued after slice j - 1's wgmma
+                    for j in range(d // 16):
+                        plgpu.wgmma(acc_ref, decode(cts=(2 * j, 2 * j + 1)),
+                                    plgpu.transpose_ref(x_wg.at[:, pl.ds(16 * j, 16)], (1, 0)))
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+                a = decode()
+                if pp:
+                    plgpu.barrier_wait(turn.at[wg])
+                plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_wg, (1, 0)))
+                if pp:  # issued: the other warpgroup's wgmma queues behind this one
+                    plgpu.barrier_arrive(turn.at[1 - wg])
+                # wait here: keeping one wgmma in flight (wait(1), inputs released a step late) gave
+                # wrong results on the H100 (NOTES round 11); the two warpgroups overlap each other
                 plgpu.wgmma_wait(0)
                 return acc_ref
-            a = decode()
-            if pp:
-                plgpu.barrier_wait(turn.at[wg])
-            plgpu.wgmma(acc_ref, a, plgpu.transpose_ref(x_wg, (1, 0)))
-            if pp:  # issued: the other warpgroup's wgmma queues behind this one
-                plgpu.barrier_arrive(turn.at[1 - wg])
-            # wait here: keeping one wgmma in flight (wait(1), inputs released a step late) gave
-            # wrong results on the H100 (NOTES round 11); the two warpgroups overlap each other
-            plgpu.wgmma_wait(0)
-            return acc_ref
 
-        def rows(size, start=0):  # this warpgroup's tokens
-            return pl.ds(mi * bm + (wg * wm if ts else 0) + start, size)
+            def rows(size, start=0):  # this warpgroup's tokens
+                return pl.ds(mi * bm + (wg * wm if ts else 0) + start, size)
 
-        def cols():  # this warpgroup's output features
-            return pl.ds(ni * cta_n + (0 if ts else wg * 64), 64)
+            def cols(first_tile):  # this warpgroup's output features
+                return pl.ds((ni + first_tile) * cta_n + (0 if ts else wg * 64), 64)
 
-        def store_bf16(acc, o_smem):  # out [Mp, N]: the accumulator is out^T, stored transposed
-            o = o_smem.at[wg]
-            plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
-                acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                o, out_gmem.at[rows(wm), cols()])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-        def store_partial(acc, o_smem):  # fp32 out^T [splits, N, Mp] in 32-token chunks
-            o = o_smem.at[wg]
-            for j in range(wm // 32):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                o[...] = acc[:, j * 32:(j + 1) * 32]
+            def store_bf16(acc, o_smem):  # out [Mp, N]: the accumulator is out^T, stored transposed
+                o = o_smem.at[wg]
+                plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
+                    acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"), cols(), rows(32, j * 32)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                plgpu.copy_smem_to_gmem(
+                    o, out_gmem.at[rows(wm), cols(n0)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def context(run):
-            if pp:  # warpgroup 0 takes the first turn
-                @pl.when(wg == 1)
-                def _():
-                    plgpu.barrier_arrive(turn.at[0])
+            def store_partial(acc, o_smem):  # fp32 out^T [splits, n_grid cta_n, Mp] in 32-token chunks
+                o = o_smem.at[wg]
+                for j in range(wm // 32):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    o[...] = acc[:, j * 32:(j + 1) * 32]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"), cols(0), rows(32, j * 32)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
-            pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
-                          o_alloc, collective_axes=("wg",))
+            def context(run):
+                if pp:  # warpgroup 0 takes the first turn
+                    @pl.when(wg == 1)
+                    def _():
+                        plgpu.barrier_arrive(turn.at[0])
 
-        specs = [
-            plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
-            plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni),
-                            transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
-            plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni)),
-        ]
+                acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
+                pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
+                              o_alloc, collective_axes=("wg",))
+
+            specs = [
+                plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
+                plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni + n0),
+                                transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
+                plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni + n0)),
+            ]
+            if has_zeros:
+                specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni + n0)))
+            plgpu.emit_pipeline_warp_specialized(
+                step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
+                max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
+                compute_context=context,
+            )(xp_gmem, w_gmem, sc_gmem, *((zb_gmem,) if has_zeros else ()))
+
+            @pl.when(wg == 2)
+            def _():  # the memory warpgroup takes part in the collective allocation of the store
+                pl.run_scoped(lambda _: None, o_alloc, collective_axes=("wg",))
+
+        if splits > 1:
+            o_alloc = plgpu.SMEM((2, 64, 32), jnp.float32,
+                                 transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
+            out_type = jax.ShapeDtypeStruct((splits, n_grid * cta_n, mp), jnp.float32)
+        else:
+            o_alloc = plgpu.SMEM((2, wm, 64), out_dtype, transforms=o_transforms)
+            out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+        extra = {}
+        if pp:
+            extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
+        call = plgpu.kernel(
+            kernel,
+            out_type=out_type,
+            **extra,
+            grid=(n_grid, mp // bm, splits),
+            grid_names=("n", "m", "k"),
+            num_threads=3,
+            thread_name="wg",
+        )
+        args = (xp, packed, sc)
         if has_zeros:
-            specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni)))
-        plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
-            max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
-            compute_context=context,
-        )(xp_gmem, w_gmem, sc_gmem, *((zb_gmem,) if has_zeros else ()))
+            args += (zb,)
+        return call(*args)
 
-        @pl.when(wg == 2)
-        def _():  # the memory warpgroup takes part in the collective allocation of the store
-            pl.run_scoped(lambda _: None, o_alloc, collective_axes=("wg",))
+    def summed(partials):  # one XLA fusion: sum of the fp32 partials, transpose, cast -> [Mp, cols]
+        return partials.sum(axis=0).T.astype(out_dtype)
 
-    if splits > 1:
-        o_alloc = plgpu.SMEM((2, 64, 32), jnp.float32,
-                             transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)))
-        out_type = jax.ShapeDtypeStruct((splits, n, mp), jnp.float32)
-    else:
-        o_alloc = plgpu.SMEM((2, wm, 64), out_dtype, transforms=o_transforms)
-        out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
-    extra = {}
-    if pp:
-        extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
-    call = plgpu.kernel(
-        kernel,
-        out_type=out_type,
-        **extra,
-        grid=(n // cta_n, mp // bm, splits),
-        grid_names=("n", "m", "k"),
-        num_threads=3,
-        thread_name="wg",
-    )
-    args = (xp, packed, sc)
-    if has_zeros:
-        args += (zb,)
-    out = call(*args)
-    if splits > 1:  # one XLA fusion: sum of the fp32 partials, transpose, cast
-        return out.sum(axis=0)[:, :m_rows].T.astype(out_dtype)
+    n_tiles = n // cta_n
+    if cfg.splits > 1:
+        return summed(launch(cfg.splits, 0, n_tiles))[:m_rows]
+    whole, tail, tail_splits = tail_plan(m_rows, n, cfg, steps=kp // d)
+    if not tail:
+        return launch(1, 0, n_tiles)[:m_rows]
+    part = summed(launch(tail_splits, whole, tail))
+    if not whole:
+        return part[:m_rows]
+    out = lax.dynamic_update_slice(launch(1, 0, whole), part, (0, whole * cta_n))  # in place
     return out[:m_rows]
 
 

@@ -2,6 +2,8 @@
 checked on the CPU through ``emulate`` (the kernel's arithmetic in jnp), its lowering for CUDA
 checked on the CPU, and the compiled kernel checked on a Hopper GPU (``gpu`` marker)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -162,6 +164,13 @@ def test_unsupported_cases_are_named():
     assert "group size 4" in km.unsupported_reason(512, 256, bits=4, group_size=4, in_features=512)
     assert "exclusive" in km.unsupported_reason(512, 34816, bits=4, cfg=km.MosaicConfig(
         pingpong=True, interleave=True), **kw)
+    # split-K partials go out in 32-token chunks: 176 tokens would lose the last 16
+    assert "multiple of 32" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(176, splits=2), **kw)
+    assert "multiple of 32" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(176, tail_splits=0),
+                                                     **kw)
+    assert "exclusive" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(splits=2, tail_splits=2),
+                                                **kw)
+    assert "tail_splits=3" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(tail_splits=3), **kw)
     with pytest.raises(NotImplementedError, match="4-bit and 8-bit"):
         km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((32, 128), jnp.uint32),
                                jnp.ones((4, 128), jnp.bfloat16), None, bits=2, group_size=128,
@@ -191,6 +200,29 @@ def test_choose_config_fills_the_grid():
     # the swizzled word tile everywhere (faster at all seven issue shapes, int4 and int8)
     assert small.swizzle_words and km.choose_config(512, 5120, sms=132, bits=8, group_size=32,
                                                     in_features=5120).swizzle_words
+
+
+def test_tail_plan_fills_whole_waves_then_splits_the_rest():
+    """The hybrid grid at 512 rows, 256 tokens (2 token tiles), 132 SMs, 80 steps per tile (K=5120):
+    whole waves of tiles first, the partial last wave split-K so that it fits one wave."""
+    cfg = km.MosaicConfig(pingpong=True, tail_splits=0)
+    plan = {n: km.tail_plan(512, n, cfg, steps=80, sms=132) for n in (34816, 17408, 12288, 10240, 6144)}
+    assert plan[34816] == (264, 8, 8)    # 528 CTAs = 4 waves, then 16 tiles x 8 = 128 CTAs
+    assert plan[17408] == (132, 4, 16)   # 264 = 2 waves, then 8 tiles x 16
+    assert plan[12288] == (66, 30, 2)    # 132 = 1 wave, then 60 x 2
+    assert plan[10240] == (66, 14, 4)    # 56 x 4 = 112
+    assert plan[6144] == (48, 0, 1)      # 96 CTAs, under one wave: splitting all of it is plain split-K
+    for n, (whole, tail, splits) in plan.items():
+        m_tiles = 2
+        assert whole + tail == n // 128 and (whole * m_tiles) % 132 == 0 or tail == 0
+        assert tail * m_tiles * splits <= 132 and 80 % splits == 0
+        # the model: fewer waves than the plain grid wherever there is a tail
+        if tail:
+            assert km.modeled_cost(512, n, cfg, 132, steps=80) < km.modeled_cost(512, n, km.MosaicConfig(), 132)
+    # a fixed split is taken as given; no split without a tail
+    assert km.tail_plan(512, 17408, km.MosaicConfig(tail_splits=4), steps=80, sms=132) == (132, 4, 4)
+    assert km.tail_plan(512, 17408, km.MosaicConfig(), steps=80, sms=132) == (136, 0, 1)
+    assert km.tail_plan(512, 128 * 66, cfg, steps=80, sms=132) == (66, 0, 1)  # waves come out even
 
 
 # block_m from fastest to slowest at 512 rows, K=5120 (N=5120: K=17408), int4 g128, measured on an
@@ -241,23 +273,32 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(pingpong=True, token_split=True), False),
                                        (km.MosaicConfig(176, pingpong=True, swizzle_words=True), True),
                                        (km.MosaicConfig(176, swizzle_words=True, interleave=True), True),
-                                       (km.MosaicConfig(128, 128, 2, 2, token_split=True, interleave=True), False)],
+                                       (km.MosaicConfig(128, 128, 2, 2, token_split=True, interleave=True), False),
+                                       (km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0), True)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
                               "pingpong-token-split", "m176-pingpong-swizzled-zeros", "m176-swizzled-interleaved-zeros",
-                              "d128-split2-token-split-interleaved"])
+                              "d128-split2-token-split-interleaved", "tail-split-zeros"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
     GPU on any host; catches layout and shape errors without a GPU."""
     sd = jax.ShapeDtypeStruct
     k, n, gs = 1024, 256, 128
+    if cfg.tail_splits != 1:  # enough tiles for a whole wave and a tail (2 x 136 on 132 SMs)
+        n = 17408
+        assert km.tail_plan(300, n, cfg, steps=k // 64)[1:] == (4, 16)
     g = layout.num_groups(k, bits, gs)
     f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=bits, group_size=gs,
                                                           in_features=k, cfg=cfg))
     lowered = f.trace(sd((300, k), jnp.bfloat16), sd((layout.slab_rows(k, bits, gs), n), jnp.uint32),
                       sd((g, n), jnp.bfloat16), sd((g, n), jnp.uint8) if zeros else None
                       ).lower(lowering_platforms=("cuda",))
-    assert "mosaic_gpu" in lowered.as_text()
+    text = lowered.as_text()
+    assert "mosaic_gpu" in text
+    # the hybrid grid: two launches (whole waves, split tail) and the tail written in place
+    launches = len(re.findall(r"custom_call @mosaic_gpu", text))
+    assert launches == (2 if cfg.tail_splits != 1 else 1)
+    assert ("dynamic_update_slice" in text) == (cfg.tail_splits != 1)
 
 
 @pytest.mark.gpu
@@ -308,3 +349,27 @@ def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     got = km.quant_matmul_mosaic(eye, packed, scales, zeros, bits=8, group_size=gs, in_features=k, cfg=cfg)
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(
         km.emulate(eye, packed, scales, zeros, bits=8, group_size=gs, in_features=k, cfg=cfg), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
+@pytest.mark.parametrize("bits,gs,z", [(4, 128, True), (8, 32, False)], ids=["int4-g128-z", "int8-g32"])
+def test_tail_split_kernel_matches_reference_gpu(rng, bits, gs, z):
+    """The hybrid grid (``tail_splits``): whole waves of tiles, the rest split-K and written into
+    the same output; 300 x 1024 -> 17408 gives 272 tiles of 256 x 128, so on 132 SMs whole waves
+    take the first 132 or so feature tiles and the split tail the rest."""
+    m, k, n = 300, 1024, 17408
+    cfg = km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0)
+    whole, tail, splits = km.tail_plan(m, n, cfg, steps=k // 64)
+    assert tail and splits > 1, "this case must exercise the split tail"
+    _, packed, scales, zeros = make_case(rng, k, n, bits, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k)
+    out = jax.jit(lambda *a: km.quant_matmul_mosaic(*a, bits=bits, group_size=gs, in_features=k, cfg=cfg))(
+        x, packed, scales, zeros)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    # both sides of the boundary between the launches, and the error over all
+    cut = whole * cfg.cta_n
+    for part in (slice(0, cut), slice(cut, n)):
+        assert _rel(out[:, part], ref[:, part]) < REL_TOL
+    assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
