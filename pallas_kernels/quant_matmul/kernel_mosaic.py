@@ -430,13 +430,15 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         def load_pairs(ref, n):  # the pairs of fields m (None where this slice needs none)
             return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) if m in ms else None for m in range(half)]
 
+        def keep(f, vs):  # f over the loaded pairs, None stays None
+            return [v if v is None else f(v) for v in vs]
+
         def f32x2_splat(v):
             return arith.constant(f32x2, ir.DenseElementsAttr.get_splat(f32x2, ir.FloatAttr.get(ir.F32Type.get(), v)))
 
         for h in range(2):
             n_h = arith.addi(n0, c(8 * h))
             n = ix(n_h)
-            keep = lambda f, vs: [v if v is None else f(v) for v in vs]  # noqa: E731
             if bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
                 scale = keep(widen, load_pairs(sc, n))
                 zero = (keep(lambda v: arith.addf(widen(v), f32x2_splat(float(2 ** 23))), load_pairs(zb[0], n))
@@ -449,9 +451,9 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                 word = memref.load(w, [ix(v) for v in coords])
                 for m in fields:
                     if bits == 8:
-                        fields = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
-                                  for j in (m, m + half)]
-                        prod = arith.mulf(arith.subf(f32_pair(*fields), zero[m]), scale[m])
+                        codes = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
+                                 for j in (m, m + half)]
+                        prod = arith.mulf(arith.subf(f32_pair(*codes), zero[m]), scale[m])
                         val = arith.truncf(bf16x2, prod)
                     else:
                         v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
