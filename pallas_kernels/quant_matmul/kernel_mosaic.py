@@ -91,7 +91,9 @@ class MosaicConfig:
     and the rest, the partial last wave, run as a second launch split-K by ``tail_splits`` (fp32
     partials summed by XLA into the first launch's output in place), so a grid of 2.06 waves takes
     about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Not yet
-    timed."""
+    timed. ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
+    (inline PTX; LLVM emits an AND and an OR, which ptxas leaves as two LOP3s: round 14's SASS),
+    16 of the ~158 instructions per warp and step at 4 bits; the same values. Not yet timed."""
 
     block_m: int = 256
     depth: int = 64
@@ -102,6 +104,7 @@ class MosaicConfig:
     swizzle_words: bool = False
     interleave: bool = False
     tail_splits: int = 1
+    lop3: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -115,7 +118,8 @@ class MosaicConfig:
                 + (f"_k{self.splits}" if self.splits > 1 else "") + ("_ts" if self.token_split else "")
                 + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else "")
                 + ("_il" if self.interleave else "")
-                + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}")))
+                + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}"))
+                + ("_l3" if self.lop3 else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -369,7 +373,7 @@ def word_coords(q, t: int, n, *, swizzled: bool, ops: _Ops = _Ops()):
 
 
 def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True,
-                     swizzled: bool = False, cts: tuple[int, ...] | None = None):
+                     swizzled: bool = False, cts: tuple[int, ...] | None = None, lop3: bool = False):
     """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc), or with
     ``cts`` only those 8-column tiles of it, ``bf16 [64, 8 len(cts)]`` (a slice of the step).
 
@@ -381,7 +385,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
     import jax.experimental.mosaic.gpu as mgpu
     from jax.experimental.mosaic.gpu import utils as mu
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector
 
     p = layout.codes_per_word(bits)
     half = p // 2
@@ -411,8 +415,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         regs = np.empty(reg_shape, dtype=object)
         z = 2 ** (bits - 1)  # symmetric codes: 128 + zero in both halves, the magic's own trick
         zb_const = None if zb else as_pair(c(MAGIC | z | z << 16))
-        mask = c((1 << bits) - 1 | ((1 << bits) - 1) << 16)
-        magic = c(MAGIC)
+        pair_mask = (1 << bits) - 1 | ((1 << bits) - 1) << 16  # fields m and m + p/2 of a word
         f32x2 = ir.VectorType.get((2,), ir.F32Type.get())
         i32x2 = ir.VectorType.get((2,), i32)
 
@@ -429,6 +432,13 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
 
         def load_pairs(ref, n):  # the pairs of fields m (None where this slice needs none)
             return [memref.load(ref, [ix(c(0)), ix(c(m)), n]) if m in ms else None for m in range(half)]
+
+        def field(word, shift, mask, magic):  # (word >> shift) & mask | magic
+            if shift:
+                word = arith.shrui(word, c(shift))
+            if lop3:  # one LOP3 (LUT 0xEA = a & b | c) where LLVM's and + or stay two
+                return llvm.inline_asm(i32, [word], f"lop3.b32 $0, $1, {mask:#x}, {magic:#x}, 0xEA;", "=r,r")
+            return arith.ori(arith.andi(word, c(mask)), c(magic))
 
         def keep(f, vs):  # f over the loaded pairs, None stays None
             return [v if v is None else f(v) for v in vs]
@@ -451,12 +461,11 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                 word = memref.load(w, [ix(v) for v in coords])
                 for m in fields:
                     if bits == 8:
-                        codes = [arith.ori(arith.andi(arith.shrui(word, c(bits * j)), c(255)), c(MAGIC_F32))
-                                 for j in (m, m + half)]
+                        codes = [field(word, bits * j, 255, MAGIC_F32) for j in (m, m + half)]
                         prod = arith.mulf(arith.subf(f32_pair(*codes), zero[m]), scale[m])
                         val = arith.truncf(bf16x2, prod)
                     else:
-                        v = arith.ori(arith.andi(arith.shrui(word, c(bits * m)), mask), magic)
+                        v = field(word, bits * m, pair_mask, MAGIC)
                         val = arith.mulf(arith.subf(as_pair(v), zero[m]), scale[m])
                     idx = [0] * len(reg_shape)
                     idx[1] = cts.index(t * half + m)
@@ -551,7 +560,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 acc_ref = more[-1]
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
                 decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
-                                           by_warpgroup=not ts, swizzled=cfg.swizzle_words)
+                                           by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3)
                 if cfg.interleave:  # slice j's decode is issued after slice j - 1's wgmma
                     for j in range(d // 16):
                         plgpu.wgmma(acc_ref, decode(cts=(2 * j, 2 * j + 1)),

@@ -274,10 +274,11 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(176, pingpong=True, swizzle_words=True), True),
                                        (km.MosaicConfig(176, swizzle_words=True, interleave=True), True),
                                        (km.MosaicConfig(128, 128, 2, 2, token_split=True, interleave=True), False),
-                                       (km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0), True)],
+                                       (km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0), True),
+                                       (km.MosaicConfig(176, swizzle_words=True, lop3=True), True)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
                               "pingpong-token-split", "m176-pingpong-swizzled-zeros", "m176-swizzled-interleaved-zeros",
-                              "d128-split2-token-split-interleaved", "tail-split-zeros"])
+                              "d128-split2-token-split-interleaved", "tail-split-zeros", "m176-swizzled-lop3-zeros"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
@@ -299,6 +300,7 @@ def test_lowers_for_cuda(cfg, zeros, bits):
     launches = len(re.findall(r"custom_call @mosaic_gpu", text))
     assert launches == (2 if cfg.tail_splits != 1 else 1)
     assert ("dynamic_update_slice" in text) == (cfg.tail_splits != 1)
+    assert ("lop3.b32" in text) == cfg.lop3  # the inline PTX of the fused mask-and-magic
 
 
 @pytest.mark.gpu
@@ -310,7 +312,8 @@ def test_lowers_for_cuda(cfg, zeros, bits):
                                  km.MosaicConfig(176, pingpong=True), km.MosaicConfig(swizzle_words=True),
                                  km.MosaicConfig(176, swizzle_words=True),
                                  km.MosaicConfig(176, swizzle_words=True, interleave=True),
-                                 km.MosaicConfig(interleave=True, token_split=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(interleave=True, token_split=True),
+                                 km.MosaicConfig(176, swizzle_words=True, lop3=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
@@ -333,7 +336,8 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
                          ids=lambda c: f"int8-{c[0]}x{c[1]}x{c[2]}-g{c[3]}{'-z' if c[4] else ''}")
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True),
-                                 km.MosaicConfig(swizzle_words=True, interleave=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(swizzle_words=True, interleave=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True)], ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
     m, k, n, gs, z = case
