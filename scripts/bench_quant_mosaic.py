@@ -6,8 +6,8 @@ scale pairing are included) against XLA's bf16 GEMM and the dequantization pass 
     python scripts/bench_quant_mosaic.py --json out/bench_quant_mosaic.json
     python scripts/bench_quant_mosaic.py --bits 8 --group-size 32 --rows 512   # int8 g32
     python scripts/bench_quant_mosaic.py --lower     # CPU: lowering for CUDA only
-    ncu --set full -k regex:'mosaic|gemm|nvjet' --launch-skip 1 python scripts/bench_quant_mosaic.py \
-        --plain-runs 2 --skip-checks --shapes 17408:5120 --rows 512 --configs 176:64:3p   # for a profiler
+    ncu --set full -k regex:mosaic_gpu python scripts/bench_quant_mosaic.py \
+        --plain-runs 1 --skip-checks --shapes 17408:5120 --rows 512 --configs 176:64:3s   # for a profiler
 """
 
 from __future__ import annotations
