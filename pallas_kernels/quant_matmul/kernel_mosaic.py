@@ -93,7 +93,14 @@ class MosaicConfig:
     about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Not yet
     timed. ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
     (inline PTX; LLVM emits an AND and an OR, which ptxas leaves as two LOP3s: round 14's SASS),
-    16 of the ~158 instructions per warp and step at 4 bits; the same values. Not yet timed."""
+    16 of the ~158 instructions per warp and step at 4 bits; the same values. Not yet timed.
+    ``stream_k``: the tiles that fill whole waves run as usual and the rest (all of them for a grid
+    under one wave) run as a second launch of one CTA per SM, each taking an equal share of the
+    rest's (tile, step) iterations (stream-K: a CTA's share may start or end inside a tile). The
+    CTA that holds a tile's first step adds the other CTAs' fp32 partials of that tile (written to
+    a workspace and signalled with a global semaphore) and stores the tile in bf16, so the launch
+    ends after about ``tiles / SMs`` tile-times instead of a whole wave. Not with ``splits``,
+    ``tail_splits``, ``token_split`` or ``interleave``."""
 
     block_m: int = 256
     depth: int = 64
@@ -105,6 +112,7 @@ class MosaicConfig:
     interleave: bool = False
     tail_splits: int = 1
     lop3: bool = False
+    stream_k: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -119,7 +127,7 @@ class MosaicConfig:
                 + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else "")
                 + ("_il" if self.interleave else "")
                 + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}"))
-                + ("_l3" if self.lop3 else ""))
+                + ("_l3" if self.lop3 else "") + ("_sk" if self.stream_k else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -163,6 +171,8 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
         return "tail_splits and splits are exclusive (split-K for the whole grid or for its last wave)"
     if cfg.tail_splits < 0 or (cfg.tail_splits and (s // r) % cfg.tail_splits):
         return f"tail_splits={cfg.tail_splits} does not divide the {s // r} pipeline steps"
+    if cfg.stream_k and (cfg.splits > 1 or cfg.tail_splits != 1 or cfg.token_split or cfg.interleave):
+        return "stream_k is exclusive with splits, tail_splits, token_split and interleave"
     return None
 
 
@@ -190,6 +200,85 @@ def tail_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None 
     if not tail or splits <= 1:
         return n_tiles, 0, 1
     return whole, tail, splits
+
+
+def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None = None):
+    """``(whole, rest, ctas)`` for ``cfg.stream_k``: feature tiles (of ``cta_n``) computed whole in
+    the first launch (as many full waves of ``sms`` CTAs as fit, as in ``tail_plan``), feature
+    tiles left to the stream-K launch, and its CTAs: one per SM, fewer only where the rest has
+    fewer than ``sms`` (tile, step) iterations. ``(all, 0, 0)`` when the waves come out even."""
+    sms = sms or num_sms()
+    n_tiles = n // cfg.cta_n
+    m_tiles = -(-m // cfg.block_m)
+    whole = (n_tiles * m_tiles) // sms * sms // m_tiles
+    rest = n_tiles - whole
+    if not rest:
+        return n_tiles, 0, 0
+    while rest * m_tiles > sms:  # token tiles that do not divide a wave: at most one tile per CTA
+        whole, rest = whole + 1, rest - 1
+    return whole, rest, min(sms, rest * m_tiles * steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamK:
+    """The static plan of one stream-K launch: ``tiles`` (token tile fastest) of ``steps``
+    pipeline steps each, ``ctas`` CTAs; CTA ``g`` takes iterations ``[g I // G, (g + 1) I // G)``
+    of the ``I = tiles * steps`` (tile, step) iterations, ``width`` = ceil(I / G) or one fewer;
+    one that has one fewer starts a step early (that step's product is discarded) so every CTA
+    runs ``width`` steps. ``width <= steps`` (at most one tile boundary per CTA) because the
+    launch never has more tiles than CTAs."""
+    tiles: int
+    steps: int
+    ctas: int
+    m_tiles: int
+
+    @property
+    def iters(self) -> int:
+        return self.tiles * self.steps
+
+    @property
+    def width(self) -> int:
+        return -(-self.iters // self.ctas)
+
+    def start(self, g):
+        return g * self.iters // self.ctas
+
+    def cta_of(self, i):
+        """The CTA whose share holds iteration ``i``."""
+        return ((i + 1) * self.ctas - 1) // self.iters
+
+    # The schedule below works on Python ints (tests simulate the kernel with them) and on traced
+    # int32 scalars (the kernel): operators only, and ``maximum`` passed in.
+    def share(self, g):
+        """``(lo, hi, dead)``: CTA ``g`` owns iterations ``[lo, hi)`` and runs ``width`` pipeline
+        steps from ``lo - dead`` (``dead`` is 0 or 1)."""
+        lo, hi = self.start(g), self.start(g + 1)
+        return lo, hi, self.width - (hi - lo)
+
+    def at(self, lo, dead, c, maximum=max):
+        """``(feature tile, token tile, step within the tile)`` of pipeline step ``c`` (the dead
+        step of CTA 0 reads iteration 0; its product is discarded)."""
+        it = maximum(lo - dead + c, 0)
+        t = it // self.steps
+        return t // self.m_tiles, t % self.m_tiles, it % self.steps
+
+    def events(self, lo, dead, c, maximum=max):
+        """Before pipeline step ``c``: ``(publish, reset)``. ``publish``: the share began inside
+        tile ``lo // steps`` and that tile ended at step ``c - 1``: the accumulator is the CTA's
+        partial of it, for the CTA that holds its first step. ``reset``: the accumulator starts
+        over (after a publish, and after the dead step)."""
+        publish = (c > dead) & (self.at(lo, dead, c, maximum)[2] == 0)
+        discard = (c == dead) & (dead > 0)
+        return publish, publish | discard
+
+    def last_tile(self, g, lo, hi):
+        """``(t, holds_first, others)`` after the last step: the tile ``t`` the accumulator
+        belongs to; whether this CTA holds its first step (then it waits for the ``others``
+        partials, of CTAs ``g + 1 .. g + others``, adds them and stores the tile), else it
+        publishes its partial of ``t``."""
+        t = (hi - 1) // self.steps
+        first = t * self.steps
+        return t, lo <= first, self.cta_of(first + self.steps - 1) - g
 
 
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
@@ -539,25 +628,47 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
 
     pp = cfg.pingpong
 
-    def launch(splits: int, n0: int, n_grid: int):
+    def launch(splits: int, n0: int, n_grid: int, sk: StreamK | None = None):
         """One kernel over feature tiles ``[n0, n0 + n_grid)``: ``splits == 1`` writes them into a
         bf16 ``out [Mp, N]`` (other columns left unwritten), else fp32 partials out^T
-        ``[splits, n_grid cta_n, Mp]``."""
-        steps = kp // d // splits  # pipeline steps per CTA
+        ``[splits, n_grid cta_n, Mp]``; with ``sk`` (stream-K) a bf16 ``[Mp, n_grid cta_n]`` and
+        the fp32 workspace of the partials ``[ctas, 2, 64, wm]`` (discarded)."""
+        steps = sk.width if sk else kp // d // splits  # pipeline steps per CTA
 
         def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
             zb_gmem = rest[0] if has_zeros else None
             if pp:  # turn[g]: compute warpgroup g may issue its wgmma (phases counted per thread)
                 *rest, turn = rest
-            out_gmem = rest[-1]
+            out_gmem = rest[-2] if sk else rest[-1]
             ni = lax.axis_index("n")
             mi = lax.axis_index("m")
             wg = lax.axis_index("wg")
             c0 = lax.axis_index("k") * steps  # first pipeline step of this CTA's reduction range
+            if sk:  # CTA g runs iterations [lo, hi) of the (tile, step) space, from lo - dead
+                ws_gmem = rest[-1]
+                g = ni
+                lo, hi, dead = sk.share(g)
+                sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * sk.tiles,)))  # per tile and warpgroup
+                at = functools.partial(sk.at, lo, dead, maximum=jnp.maximum)
 
-            def step(_, x_smem, w_smem, sc_smem, *more):
+                def publish(acc, t):  # a partial of tile t for the CTA that holds its first step
+                    ws_gmem.at[g, wg][...] = acc
+                    plgpu.semaphore_signal(sems.at[2 * t + wg], memory_scope="gpu")
+
+            def step(idx, x_smem, w_smem, sc_smem, *more):
                 zb_smem = more[0] if has_zeros else None
                 acc_ref = more[-1]
+                if sk:
+                    c = idx[0] if isinstance(idx, (tuple, list)) else idx
+                    head_done, reset = sk.events(lo, dead, c, maximum=jnp.maximum)
+
+                    @pl.when(reset)
+                    def _():
+                        @pl.when(head_done)
+                        def _():
+                            publish(acc_ref[...], lo // sk.steps)
+
+                        acc_ref[...] = plgpu.layout_cast(jnp.zeros((64, wm), jnp.float32), plgpu.Layout.WGMMA)
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
                 decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
                                            by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3)
@@ -578,20 +689,37 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            def rows(size, start=0):  # this warpgroup's tokens
+            def rows(size, start=0, mi=mi):  # this warpgroup's tokens
                 return pl.ds(mi * bm + (wg * wm if ts else 0) + start, size)
 
-            def cols(first_tile):  # this warpgroup's output features
+            def cols(first_tile, ni=ni):  # this warpgroup's output features
                 return pl.ds((ni + first_tile) * cta_n + (0 if ts else wg * 64), 64)
 
-            def store_bf16(acc, o_smem):  # out [Mp, N]: the accumulator is out^T, stored transposed
+            def store_bf16(acc, o_smem, mi=mi, ni=ni, n0=n0):  # out [Mp, N]: acc is out^T, stored transposed
                 o = o_smem.at[wg]
                 plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
                     acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    o, out_gmem.at[rows(wm), cols(n0)])
+                    o, out_gmem.at[rows(wm, mi=mi), cols(n0, ni=ni)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            def finish_stream_k(acc, o_smem):  # the share's last tile: add the others' partials or publish
+                t, holds_first, others = sk.last_tile(g, lo, hi)
+
+                @pl.when(holds_first)
+                def _():
+                    @pl.when(others > 0)
+                    def _():
+                        plgpu.semaphore_wait(sems.at[2 * t + wg], others, memory_scope="gpu")
+
+                    total = lax.fori_loop(1, others + 1, lambda j, v: v + plgpu.load(
+                        ws_gmem.at[g + j, wg], (), layout=plgpu.Layout.WGMMA, optimized=False), acc)
+                    store_bf16(total, o_smem, mi=t % sk.m_tiles, ni=t // sk.m_tiles, n0=0)
+
+                @pl.when(jnp.logical_not(holds_first))
+                def _():
+                    publish(acc, t)
 
             def store_partial(acc, o_smem):  # fp32 out^T [splits, n_grid cta_n, Mp] in 32-token chunks
                 o = o_smem.at[wg]
@@ -609,17 +737,25 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                         plgpu.barrier_arrive(turn.at[0])
 
                 acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
-                pl.run_scoped(functools.partial(store_partial if splits > 1 else store_bf16, acc),
-                              o_alloc, collective_axes=("wg",))
+                finish = finish_stream_k if sk else store_partial if splits > 1 else store_bf16
+                pl.run_scoped(functools.partial(finish, acc), o_alloc, collective_axes=("wg",))
 
+            if sk:
+                x_at = lambda c: (at(c)[1], at(c)[2])  # noqa: E731
+                k_at = lambda c: at(c)[2]  # noqa: E731
+                n_at = lambda c: n0 + at(c)[0]  # noqa: E731
+            else:
+                x_at = lambda c: (mi, c0 + c)  # noqa: E731
+                k_at = lambda c: c0 + c  # noqa: E731
+                n_at = lambda c: ni + n0  # noqa: E731
             specs = [
-                plgpu.BlockSpec((bm, d), lambda c: (mi, c0 + c), transforms=x_transforms),
-                plgpu.BlockSpec((r, cta_n), lambda c: (c0 + c, ni + n0),
+                plgpu.BlockSpec((bm, d), x_at, transforms=x_transforms),
+                plgpu.BlockSpec((r, cta_n), lambda c: (k_at(c), n_at(c)),
                                 transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
-                plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni + n0)),
+                plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))),
             ]
             if has_zeros:
-                specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: (((c0 + c) * r) // gsr, 0, ni + n0)))
+                specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))))
             plgpu.emit_pipeline_warp_specialized(
                 step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
                 max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
@@ -637,6 +773,9 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         else:
             o_alloc = plgpu.SMEM((2, wm, 64), out_dtype, transforms=o_transforms)
             out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
+        if sk:
+            out_type = (jax.ShapeDtypeStruct((mp, n_grid * cta_n), out_dtype),
+                        jax.ShapeDtypeStruct((sk.ctas, 2, 64, wm), jnp.float32))
         extra = {}
         if pp:
             extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
@@ -644,7 +783,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             kernel,
             out_type=out_type,
             **extra,
-            grid=(n_grid, mp // bm, splits),
+            grid=(sk.ctas, 1, 1) if sk else (n_grid, mp // bm, splits),
             grid_names=("n", "m", "k"),
             num_threads=3,
             thread_name="wg",
@@ -652,7 +791,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         args = (xp, packed, sc)
         if has_zeros:
             args += (zb,)
-        return call(*args)
+        return call(*args)[0] if sk else call(*args)
 
     def summed(partials):  # one XLA fusion: sum of the fp32 partials, transpose, cast -> [Mp, cols]
         return partials.sum(axis=0).T.astype(out_dtype)
@@ -660,6 +799,15 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     n_tiles = n // cta_n
     if cfg.splits > 1:
         return summed(launch(cfg.splits, 0, n_tiles))[:m_rows]
+    if cfg.stream_k:
+        whole, rest, ctas = stream_k_plan(m_rows, n, cfg, steps=kp // d)
+        if not rest:
+            return launch(1, 0, n_tiles)[:m_rows]
+        part = launch(1, whole, rest, StreamK(rest * (mp // bm), kp // d, ctas, mp // bm))
+        if not whole:
+            return part[:m_rows]
+        out = lax.dynamic_update_slice(launch(1, 0, whole), part, (0, whole * cta_n))  # in place
+        return out[:m_rows]
     whole, tail, tail_splits = tail_plan(m_rows, n, cfg, steps=kp // d)
     if not tail:
         return launch(1, 0, n_tiles)[:m_rows]

@@ -226,6 +226,71 @@ def test_tail_plan_fills_whole_waves_then_splits_the_rest():
     assert km.tail_plan(512, 128 * 66, cfg, steps=80, sms=132) == (66, 0, 1)  # waves come out even
 
 
+def simulate_stream_k(sk: km.StreamK, values):
+    """The stream-K launch's control flow (``quant_matmul_mosaic`` with ``stream_k``) run on the
+    host with ``StreamK``'s schedule, one scalar per (tile, step) instead of a wgmma: returns the
+    stored tile sums and checks the semaphore protocol (each waiter gets exactly its partials)."""
+    ws, sems, stored = {}, {}, {}
+    for g in range(sk.ctas):  # the publishers first: a waiter never reads a slot not yet written
+        lo, hi, dead = sk.share(g)
+        acc = 0.0
+        for c in range(sk.width):
+            publish, reset = sk.events(lo, dead, c)
+            if publish:
+                assert g not in ws, "a CTA publishes at most one partial"
+                ws[g] = (lo // sk.steps, acc)
+                sems[lo // sk.steps] = sems.get(lo // sk.steps, 0) + 1
+            if reset:
+                acc = 0.0
+            ni, mi, ks = sk.at(lo, dead, c)
+            acc += values[ni * sk.m_tiles + mi, ks]
+        t, holds_first, others = sk.last_tile(g, lo, hi)
+        if holds_first:
+            stored.setdefault(t, []).append((g, others, acc))
+        else:
+            assert g not in ws
+            ws[g] = (t, acc)
+            sems[t] = sems.get(t, 0) + 1
+    out = {}
+    for t, [(g, others, acc)] in stored.items():  # one finalizer per tile
+        assert sems.pop(t, 0) == others, f"tile {t}: waits for {others} signals"
+        for j in range(1, others + 1):
+            pt, part = ws.pop(g + j)
+            assert pt == t, f"CTA {g + j} published tile {pt}, read for tile {t}"
+            acc += part
+        out[t] = acc
+    assert not ws and not sems, "a partial or a signal nobody reads"
+    return out
+
+
+@pytest.mark.parametrize("tiles,steps,ctas", [(80, 272, 132), (80, 96, 132), (96, 80, 132), (28, 80, 132),
+                                              (16, 80, 128), (2, 16, 32), (3, 80, 132), (131, 7, 132),
+                                              (132, 80, 132), (1, 1, 1), (5, 3, 15)])
+def test_stream_k_schedule_covers_every_step_once(tiles, steps, ctas):
+    """Every (tile, step) product lands in its tile exactly once, uneven shares included (ctas not
+    dividing tiles x steps: the dead step's product is discarded); powers of two as values make the
+    sums exact, so a lost or doubled step shows as a wrong sum."""
+    sk = km.StreamK(tiles, steps, ctas, m_tiles=2)
+    assert sk.width <= steps and sum(sk.share(g)[1] - sk.share(g)[0] for g in range(ctas)) == sk.iters
+    values = np.ldexp(1.0, np.arange(tiles * steps) % 40).reshape(tiles, steps) * (1 + np.arange(tiles))[:, None]
+    out = simulate_stream_k(sk, values)
+    assert sorted(out) == list(range(tiles))
+    np.testing.assert_array_equal([out[t] for t in range(tiles)], values.sum(axis=1))
+
+
+def test_stream_k_plan_leaves_at_most_one_tile_per_cta():
+    """512 rows, 256 tokens, 132 SMs: whole waves as usual, the rest stream-K over one CTA per SM."""
+    cfg = km.MosaicConfig(pingpong=True, stream_k=True)
+    assert km.stream_k_plan(512, 5120, cfg, steps=272, sms=132) == (0, 40, 132)      # 80 tiles < 1 wave
+    assert km.stream_k_plan(512, 17408, cfg, steps=80, sms=132) == (132, 4, 132)     # 2 waves + 8 tiles
+    assert km.stream_k_plan(512, 128 * 66, cfg, steps=80, sms=132) == (66, 0, 0)     # waves come out even
+    assert km.stream_k_plan(512, 128, cfg, steps=1, sms=132) == (0, 1, 2)            # 2 iterations, 2 CTAs
+    # 5 token tiles (1,280 rows at 256) with 132 SMs: the rest never exceeds one tile per CTA
+    for n in (5120, 6144, 10240, 12288, 17408, 34816):
+        whole, rest, ctas = km.stream_k_plan(1280, n, cfg, steps=80, sms=132)
+        assert whole + rest == n // 128 and rest * 5 <= 132 and ctas <= 132
+
+
 # block_m from fastest to slowest at 512 rows, K=5120 (N=5120: K=17408), int4 g128, measured on an
 # H100 in session 16 (NOTES round 13: e.g. N=5120 161.5 / 168.5 / 190.2 / 272.0 us)
 MEASURED_ORDER_512 = {34816: (256, 176, 192, 128), 17408: (256, 176, 192, 128), 5120: (176, 192, 256, 128),
@@ -276,10 +341,13 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(176, swizzle_words=True, interleave=True), True),
                                        (km.MosaicConfig(128, 128, 2, 2, token_split=True, interleave=True), False),
                                        (km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0), True),
-                                       (km.MosaicConfig(176, swizzle_words=True, lop3=True), True)],
+                                       (km.MosaicConfig(176, swizzle_words=True, lop3=True), True),
+                                       (km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True), True),
+                                       (km.MosaicConfig(176, swizzle_words=True, stream_k=True), False)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
                               "pingpong-token-split", "m176-pingpong-swizzled-zeros", "m176-swizzled-interleaved-zeros",
-                              "d128-split2-token-split-interleaved", "tail-split-zeros", "m176-swizzled-lop3-zeros"])
+                              "d128-split2-token-split-interleaved", "tail-split-zeros", "m176-swizzled-lop3-zeros",
+                              "stream-k-zeros", "m176-stream-k"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
@@ -290,6 +358,10 @@ def test_lowers_for_cuda(cfg, zeros, bits):
         n = 17408
         _, tail, splits = km.tail_plan(300, n, cfg, steps=k // 64)
         assert tail and splits > 1
+    if cfg.stream_k and cfg.block_m == 256:  # whole waves and a stream-K rest
+        n = 17408
+        assert km.stream_k_plan(300, n, cfg, steps=k // 64)[0]
+    hybrid = cfg.tail_splits != 1 or (cfg.stream_k and cfg.block_m == 256)
     g = layout.num_groups(k, bits, gs)
     f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=bits, group_size=gs,
                                                           in_features=k, cfg=cfg))
@@ -300,9 +372,12 @@ def test_lowers_for_cuda(cfg, zeros, bits):
     assert "mosaic_gpu" in text
     # the hybrid grid: two launches (whole waves, split tail) and the tail written in place
     launches = len(re.findall(r"custom_call @mosaic_gpu", text))
-    assert launches == (2 if cfg.tail_splits != 1 else 1)
-    assert ("dynamic_update_slice" in text) == (cfg.tail_splits != 1)
+    assert launches == (2 if hybrid else 1)
+    assert ("dynamic_update_slice" in text) == hybrid
     assert ("lop3.b32" in text) == cfg.lop3  # the inline PTX of the fused mask-and-magic
+    # stream-K: partials published with a release add and awaited with a compare-and-swap loop
+    assert ("red.release.gpu.global.add" in text) == cfg.stream_k
+    assert ("atom.relaxed.gpu.global.cas" in text) == cfg.stream_k
 
 
 @pytest.mark.gpu
@@ -315,7 +390,9 @@ def test_lowers_for_cuda(cfg, zeros, bits):
                                  km.MosaicConfig(176, swizzle_words=True),
                                  km.MosaicConfig(176, swizzle_words=True, interleave=True),
                                  km.MosaicConfig(interleave=True, token_split=True),
-                                 km.MosaicConfig(176, swizzle_words=True, lop3=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(176, swizzle_words=True, lop3=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True),
+                                 km.MosaicConfig(176, swizzle_words=True, stream_k=True)], ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
@@ -339,7 +416,8 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
 @pytest.mark.parametrize("cfg", [km.MosaicConfig(), km.MosaicConfig(176, pingpong=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True),
                                  km.MosaicConfig(swizzle_words=True, interleave=True),
-                                 km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True)], ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
     m, k, n, gs, z = case
