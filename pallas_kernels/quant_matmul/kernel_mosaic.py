@@ -205,8 +205,9 @@ def tail_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None 
 def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None = None):
     """``(whole, rest, ctas)`` for ``cfg.stream_k``: feature tiles (of ``cta_n``) computed whole in
     the first launch (as many full waves of ``sms`` CTAs as fit, as in ``tail_plan``), feature
-    tiles left to the stream-K launch, and its CTAs: one per SM, fewer only where the rest has
-    fewer than ``sms`` (tile, step) iterations. ``(all, 0, 0)`` when the waves come out even."""
+    tiles left to the stream-K launch, and its CTAs: the most, up to one per SM, that divide the
+    rest's (tile, step) iterations evenly (at least one per tile, so a CTA's share crosses at most
+    one tile boundary). ``(all, 0, 0)`` when the waves come out even."""
     sms = sms or num_sms()
     n_tiles = n // cfg.cta_n
     m_tiles = -(-m // cfg.block_m)
@@ -216,69 +217,66 @@ def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | N
         return n_tiles, 0, 0
     while rest * m_tiles > sms:  # token tiles that do not divide a wave: at most one tile per CTA
         whole, rest = whole + 1, rest - 1
-    return whole, rest, min(sms, rest * m_tiles * steps)
+    tiles = rest * m_tiles
+    ctas = max(c for c in range(tiles, sms + 1) if (tiles * steps) % c == 0)
+    return whole, rest, ctas
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamK:
     """The static plan of one stream-K launch: ``tiles`` (token tile fastest) of ``steps``
-    pipeline steps each, ``ctas`` CTAs; CTA ``g`` takes iterations ``[g I // G, (g + 1) I // G)``
-    of the ``I = tiles * steps`` (tile, step) iterations, ``width`` = ceil(I / G) or one fewer;
-    one that has one fewer starts a step early (that step's product is discarded) so every CTA
-    runs ``width`` steps. ``width <= steps`` (at most one tile boundary per CTA) because the
-    launch never has more tiles than CTAs."""
+    pipeline steps each, ``ctas`` CTAs that divide the ``I = tiles * steps`` (tile, step)
+    iterations into equal shares of ``width = I / ctas``: CTA ``g`` runs ``[g width, (g + 1)
+    width)``. ``ctas >= tiles``, so ``width <= steps`` and a share crosses at most one tile
+    boundary.
+
+    The accumulator is never written by anything but wgmma (a reset between two wgmmas makes
+    ptxas serialize every wgmma of the kernel: a first version that zeroed it at the boundary ran
+    each step 1.2-1.5x slower, NOTES round 15). A share that begins inside tile ``t`` (its head)
+    publishes the accumulator when the next tile begins and goes on accumulating; at the end it
+    subtracts the published head from the accumulator (exact up to fp32 rounding of the sum)."""
     tiles: int
     steps: int
     ctas: int
     m_tiles: int
 
-    @property
-    def iters(self) -> int:
-        return self.tiles * self.steps
+    def __post_init__(self):
+        if (self.tiles * self.steps) % self.ctas or not self.tiles <= self.ctas:
+            raise ValueError(f"{self}: ctas must divide the iterations and be at least the tiles")
 
     @property
     def width(self) -> int:
-        return -(-self.iters // self.ctas)
-
-    def start(self, g):
-        return g * self.iters // self.ctas
-
-    def cta_of(self, i):
-        """The CTA whose share holds iteration ``i``."""
-        return ((i + 1) * self.ctas - 1) // self.iters
+        return self.tiles * self.steps // self.ctas
 
     # The schedule below works on Python ints (tests simulate the kernel with them) and on traced
-    # int32 scalars (the kernel): operators only, and ``maximum`` passed in.
+    # int32 scalars (the kernel): operators only.
     def share(self, g):
-        """``(lo, hi, dead)``: CTA ``g`` owns iterations ``[lo, hi)`` and runs ``width`` pipeline
-        steps from ``lo - dead`` (``dead`` is 0 or 1)."""
-        lo, hi = self.start(g), self.start(g + 1)
-        return lo, hi, self.width - (hi - lo)
+        """``(lo, hi)``: CTA ``g`` owns iterations ``[lo, hi)``."""
+        return g * self.width, (g + 1) * self.width
 
-    def at(self, lo, dead, c, maximum=max):
-        """``(feature tile, token tile, step within the tile)`` of pipeline step ``c`` (the dead
-        step of CTA 0 reads iteration 0; its product is discarded)."""
-        it = maximum(lo - dead + c, 0)
+    def at(self, lo, c):
+        """``(feature tile, token tile, step within the tile)`` of pipeline step ``c``."""
+        it = lo + c
         t = it // self.steps
         return t // self.m_tiles, t % self.m_tiles, it % self.steps
 
-    def events(self, lo, dead, c, maximum=max):
-        """Before pipeline step ``c``: ``(publish, reset)``. ``publish``: the share began inside
-        tile ``lo // steps`` and that tile ended at step ``c - 1``: the accumulator is the CTA's
-        partial of it, for the CTA that holds its first step. ``reset``: the accumulator starts
-        over (after a publish, and after the dead step)."""
-        publish = (c > dead) & (self.at(lo, dead, c, maximum)[2] == 0)
-        discard = (c == dead) & (dead > 0)
-        return publish, publish | discard
+    def head(self, lo, hi):
+        """Whether the share begins inside a tile and crosses into the next: its accumulator is
+        published (as the partial of tile ``lo // steps``) before step ``steps - lo % steps``."""
+        return (lo % self.steps > 0) & ((hi - 1) // self.steps > lo // self.steps)
+
+    def publish_at(self, lo, hi, c):
+        """Before pipeline step ``c``: publish the head (see ``head``)."""
+        return self.head(lo, hi) & (c == self.steps - lo % self.steps)
 
     def last_tile(self, g, lo, hi):
         """``(t, holds_first, others)`` after the last step: the tile ``t`` the accumulator
-        belongs to; whether this CTA holds its first step (then it waits for the ``others``
-        partials, of CTAs ``g + 1 .. g + others``, adds them and stores the tile), else it
-        publishes its partial of ``t``."""
+        ends in; whether this CTA holds its first step (then it waits for the ``others``
+        partials, of CTAs ``g + 1 .. g + others``, adds them, subtracts its own head if it
+        published one, and stores the tile), else it publishes its partial of ``t``."""
         t = (hi - 1) // self.steps
         first = t * self.steps
-        return t, lo <= first, self.cta_of(first + self.steps - 1) - g
+        return t, lo <= first, ((first + self.steps - 1) // self.width) - g
 
 
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
@@ -644,12 +642,12 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             mi = lax.axis_index("m")
             wg = lax.axis_index("wg")
             c0 = lax.axis_index("k") * steps  # first pipeline step of this CTA's reduction range
-            if sk:  # CTA g runs iterations [lo, hi) of the (tile, step) space, from lo - dead
+            if sk:  # CTA g runs iterations [lo, hi) of the (tile, step) space
                 ws_gmem = rest[-1]
                 g = ni
-                lo, hi, dead = sk.share(g)
+                lo, hi = sk.share(g)
                 sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * sk.tiles,)))  # per tile and warpgroup
-                at = functools.partial(sk.at, lo, dead, maximum=jnp.maximum)
+                at = functools.partial(sk.at, lo)
 
                 def publish(acc, t):  # a partial of tile t for the CTA that holds its first step
                     ws_gmem.at[g, wg][...] = acc
@@ -658,17 +656,12 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             def step(idx, x_smem, w_smem, sc_smem, *more):
                 zb_smem = more[0] if has_zeros else None
                 acc_ref = more[-1]
-                if sk:
+                if sk:  # publish the head and keep accumulating (no write to the accumulator here)
                     c = idx[0] if isinstance(idx, (tuple, list)) else idx
-                    head_done, reset = sk.events(lo, dead, c, maximum=jnp.maximum)
 
-                    @pl.when(reset)
+                    @pl.when(sk.publish_at(lo, hi, c))
                     def _():
-                        @pl.when(head_done)
-                        def _():
-                            publish(acc_ref[...], lo // sk.steps)
-
-                        acc_ref[...] = plgpu.layout_cast(jnp.zeros((64, wm), jnp.float32), plgpu.Layout.WGMMA)
+                        publish(acc_ref[...], lo // sk.steps)
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
                 decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
                                            by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3)
@@ -713,8 +706,11 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                     def _():
                         plgpu.semaphore_wait(sems.at[2 * t + wg], others, memory_scope="gpu")
 
-                    total = lax.fori_loop(1, others + 1, lambda j, v: v + plgpu.load(
-                        ws_gmem.at[g + j, wg], (), layout=plgpu.Layout.WGMMA, optimized=False), acc)
+                    def add(j, v):  # j = 0: this CTA's own head, published earlier, comes off again
+                        part = plgpu.load(ws_gmem.at[g + j, wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                        return v + part * jnp.where(j == 0, -1.0, 1.0).astype(jnp.float32)
+
+                    total = lax.fori_loop(jnp.where(sk.head(lo, hi), 0, 1), others + 1, add, acc)
                     store_bf16(total, o_smem, mi=t % sk.m_tiles, ni=t // sk.m_tiles, n0=0)
 
                 @pl.when(jnp.logical_not(holds_first))
