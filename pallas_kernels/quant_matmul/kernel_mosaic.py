@@ -305,21 +305,32 @@ def grid_ctas(m: int, n: int, cfg: MosaicConfig) -> int:
     return (n // cfg.cta_n) * -(-m // cfg.block_m) * cfg.splits
 
 
+# The hybrid grid's second launch, its fp32 partials summed by XLA and the in-place update cost
+# 16-22 us beyond the waves they save at the four issue shapes with a tail at 512 rows (15-17 MB
+# of partials written and read; H100, NOTES round 15), about 1.2 us per MB: in token-row-steps
+# (one costs ~1.55 ns there: 280 us for 5 waves x 80 steps x 456 rows at 5120 -> 34816).
+TAIL_ROW_STEPS_PER_MB = 780
+
+
 def modeled_cost(m: int, n: int, cfg: MosaicConfig, sms: int | None = None,
-                 steps: int = ANY_STEPS) -> int:
-    """Relative time of the launch under the grid model: waves x (block_m + overhead) per
-    step (the steps per CTA are the same for every ``block_m``; split-K divides them, and the
-    model leaves out the fp32 partials' round trip, which round 11 measured as not paying, and
-    with ``tail_splits`` the second launch's; ``steps`` per tile matter only to ``tail_splits=0``)."""
+                 steps: int = ANY_STEPS) -> float:
+    """Time of the call under the grid model, in token-row-steps: waves x steps per CTA x
+    (block_m + overhead) (split-K divides the steps; the model leaves out split-K's fp32
+    partials, which round 11 measured as not paying); with ``tail_splits`` the whole waves, the
+    split tail's waves and ``TAIL_ROW_STEPS_PER_MB`` per MB of its partials. ``steps``: pipeline
+    steps of a tile (the same for every ``block_m``, so without a tail only the ranking matters)."""
     sms = sms or num_sms()
     unit = cfg.block_m + STEP_OVERHEAD_ROWS
+    m_tiles = -(-m // cfg.block_m)
     if cfg.tail_splits != 1:
         whole, tail, splits = tail_plan(m, n, cfg, steps=steps, sms=sms)
-        m_tiles = -(-m // cfg.block_m)
-        tail_waves = -(-tail * m_tiles * splits // sms)
-        return -(-whole * m_tiles // sms) * unit + tail_waves * unit // splits
+        if tail:
+            tail_waves = -(-tail * m_tiles * splits // sms)
+            partial_mb = tail * cfg.cta_n * m_tiles * cfg.block_m * splits * 4 / 1e6
+            return ((-(-whole * m_tiles // sms) + tail_waves / splits) * unit * steps
+                    + TAIL_ROW_STEPS_PER_MB * partial_mb)
     waves = -(-grid_ctas(m, n, cfg) // sms)
-    return waves * unit // cfg.splits
+    return waves * unit * steps / cfg.splits
 
 
 def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: int,
@@ -335,15 +346,29 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
                                    cfg=c) is None]
     if not cands:
         return MosaicConfig()
-    return min(cands, key=lambda c: (modeled_cost(m, n, c, sms), -c.block_m))
+    steps = layout.slab_rows(in_features, bits, group_size) // rows_per_step(bits, cands[0])
+    return min(cands, key=lambda c: (modeled_cost(m, n, c, sms, steps=steps), -c.block_m))
+
+
+# Measured faster on an H100 (NOTES round 15) but not yet checked on a GPU (the GPU tests
+# ``pytest -m gpu -k "tail or l3"`` are written and have not run: the device calls of round 15 ran
+# out): the hybrid grid (``tail_splits=0``: at 512 rows 5120 -> 34816 280 -> 252 us, 17408
+# 170 -> 139, 12288 116 -> 104, 10240 117 -> 89) and the fused LOP3 (1-2.5% at 176 tokens, 0-1% at
+# 256). ``schedule`` takes them once those tests pass; set them to take them now.
+SCHEDULE_TAIL = False
+SCHEDULE_LOP3 = False
 
 
 def schedule(block_m: int) -> MosaicConfig:
-    """The config ``choose_config`` gives a ``block_m`` (measured on an H100, NOTES rounds 13-14):
+    """The config ``choose_config`` gives a ``block_m`` (measured on an H100, NOTES rounds 13-15):
     pingpong at 256 tokens (1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower), the
     swizzled word tile everywhere (2-4% faster at all seven, int4 and int8; depth 64 gives 8 word
-    rows per step at 4 bits and 16 at 8, so it always applies); not ``interleave`` (13-44% slower)."""
-    return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=True)
+    rows per step at 4 bits and 16 at 8, so it always applies); with ``SCHEDULE_LOP3`` the fused
+    LOP3, with ``SCHEDULE_TAIL`` the hybrid grid where the partials fit 32-token chunks (not at
+    176; the same grid where the waves come out even, and the model prices the tail); not
+    ``interleave`` (13-44% slower)."""
+    return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=True, lop3=SCHEDULE_LOP3,
+                        tail_splits=0 if SCHEDULE_TAIL and block_m % 32 == 0 else 1)
 
 
 def default_config(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> MosaicConfig:

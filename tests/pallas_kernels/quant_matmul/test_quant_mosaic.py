@@ -200,6 +200,43 @@ def test_choose_config_fills_the_grid():
     # the swizzled word tile everywhere (faster at all seven issue shapes, int4 and int8)
     assert small.swizzle_words and km.choose_config(512, 5120, sms=132, bits=8, group_size=32,
                                                     in_features=5120).swizzle_words
+    # the fused LOP3 and the hybrid grid wait for their GPU checks (SCHEDULE_LOP3 / SCHEDULE_TAIL)
+    assert not small.lop3 and small.tail_splits == 1
+
+
+def test_schedule_switches_take_the_hybrid_grid_where_the_model_prices_it_faster(monkeypatch):
+    """With ``SCHEDULE_TAIL`` / ``SCHEDULE_LOP3`` on, ``choose_config`` at 512 rows (int4 g128, 132
+    SMs) takes the hybrid grid at the four shapes where it measured faster, keeps 176 tokens for
+    N = 5120 (no tail there: 120 CTAs, one wave) and 256 without a tail at 6144 (96 CTAs)."""
+    monkeypatch.setattr(km, "SCHEDULE_TAIL", True)
+    monkeypatch.setattr(km, "SCHEDULE_LOP3", True)
+    pick = {(k, n): km.choose_config(512, n, bits=4, group_size=128, in_features=k, sms=132)
+            for k, n in ((5120, 34816), (5120, 17408), (5120, 12288), (5120, 10240), (17408, 5120),
+                         (5120, 6144))}
+    for (k, n), cfg in pick.items():
+        assert cfg.lop3 and km.unsupported_reason(512, n, bits=4, group_size=128, in_features=k, cfg=cfg) is None
+        _, tail, _ = km.tail_plan(512, n, cfg, steps=k // 64, sms=132)
+        assert bool(tail) == (n in MEASURED_TAIL_512), (k, n, cfg.name)
+    assert pick[17408, 5120].block_m == 176 and pick[5120, 6144].block_m == 256
+
+
+# 512 rows, int4 g128, H100 (NOTES round 15): 256-token tiles with pingpong, plain grid vs hybrid
+# grid, us. Where there is a tail the hybrid grid was faster; at 6144 there is none (one launch).
+MEASURED_TAIL_512 = {34816: (280.2, 251.9), 17408: (169.9, 138.6), 12288: (115.8, 104.2), 10240: (116.7, 89.0)}
+
+
+@pytest.mark.parametrize("n", sorted(MEASURED_TAIL_512))
+def test_grid_model_prices_the_tail_as_measured(n):
+    """The model with the tail's measured cost per MB of partials: the hybrid grid ranks before the
+    plain grid where it measured faster, and the modeled times (x 1.55 ns per token-row-step, the
+    H100's rate at 5120 -> 34816) land within 5% of the measured ones (the 4 points the cost per MB
+    was fit on, so this checks the arithmetic of the fit, not a prediction)."""
+    plain = km.MosaicConfig(pingpong=True, swizzle_words=True)
+    hybrid = km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0)
+    cost = {c: km.modeled_cost(512, n, c, 132, steps=80) * 1.55e-3 for c in (plain, hybrid)}
+    assert cost[hybrid] < cost[plain]
+    for c, us in zip((plain, hybrid), MEASURED_TAIL_512[n]):
+        assert abs(cost[c] / us - 1) < 0.05, (c.name, cost[c], us)
 
 
 def test_tail_plan_fills_whole_waves_then_splits_the_rest():
@@ -458,3 +495,24 @@ def test_tail_split_kernel_matches_reference_gpu(rng, bits, gs, z):
     for part in (slice(0, cut), slice(cut, n)):
         assert _rel(out[:, part], ref[:, part]) < REL_TOL
     assert _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
+@pytest.mark.parametrize("bits,gs,z", [(4, 128, True), (8, 32, False)], ids=["int4-g128-z", "int8-g32"])
+@pytest.mark.parametrize("k,n", [(5120, 10240), (2048, 5120)], ids=["tail", "no-tail"])
+def test_scheduled_switches_match_reference_gpu(monkeypatch, rng, bits, gs, z, k, n):
+    """What ``quant_matmul_mosaic(cfg=None)`` runs with ``SCHEDULE_TAIL`` and ``SCHEDULE_LOP3`` on
+    (the check that lets them be the default): 512 rows, a shape with a split tail (N = 10240: 160
+    tiles of 256 x 128 on 132 SMs) and one without (N = 5120: 176 tokens, one wave)."""
+    monkeypatch.setattr(km, "SCHEDULE_TAIL", True)
+    monkeypatch.setattr(km, "SCHEDULE_LOP3", True)
+    m = 512
+    cfg = km.default_config(m, n, bits=bits, group_size=gs, in_features=k)
+    assert cfg.lop3 and (cfg.tail_splits == 0) == (n == 10240), cfg.name
+    _, packed, scales, zeros = make_case(rng, k, n, bits, gs, z)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    ref = quant_matmul_reference(x, packed, scales, zeros, bits=bits, group_size=gs, in_features=k)
+    out = jax.jit(lambda *a: km.quant_matmul_mosaic(*a, bits=bits, group_size=gs, in_features=k))(
+        x, packed, scales, zeros)
+    assert out.shape == (m, n) and _rel(out, ref) < REL_TOL and _max_rel(out, ref) < MAX_TOL
