@@ -90,17 +90,22 @@ class MosaicConfig:
     choice): a hybrid grid where the tiles that fill whole waves of CTAs (one per SM) run as usual
     and the rest, the partial last wave, run as a second launch split-K by ``tail_splits`` (fp32
     partials summed by XLA into the first launch's output in place), so a grid of 2.06 waves takes
-    about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Not yet
-    timed. ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
+    about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Measured
+    10-24% faster at the four issue shapes with a tail (round 15); its GPU check has not run yet
+    (``SCHEDULE_TAIL``). ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
     (inline PTX; LLVM emits an AND and an OR, which ptxas leaves as two LOP3s: round 14's SASS),
-    16 of the ~158 instructions per warp and step at 4 bits; the same values. Not yet timed.
+    16 of the ~158 instructions per warp and step at 4 bits; the same values. Measured 1-2.5%
+    faster at 176 tokens, 0-1% at 256 (round 15); GPU check pending (``SCHEDULE_LOP3``).
     ``stream_k``: the tiles that fill whole waves run as usual and the rest (all of them for a grid
     under one wave) run as a second launch of one CTA per SM, each taking an equal share of the
     rest's (tile, step) iterations (stream-K: a CTA's share may start or end inside a tile). The
     CTA that holds a tile's first step adds the other CTAs' fp32 partials of that tile (written to
     a workspace and signalled with a global semaphore) and stores the tile in bf16, so the launch
-    ends after about ``tiles / SMs`` tile-times instead of a whole wave. Not with ``splits``,
-    ``tail_splits``, ``token_split`` or ``interleave``."""
+    ends after about ``tiles / SMs`` tile-times instead of a whole wave (``StreamK`` gives the
+    schedule). Not with ``splits``, ``tail_splits``, ``token_split`` or ``interleave``. A first
+    version, which zeroed the accumulator at tile boundaries, was correct on an H100 and 1.2-1.5x
+    slower per step (round 15); this one (no accumulator writes outside wgmma) is not yet run on
+    a GPU."""
 
     block_m: int = 256
     depth: int = 64
