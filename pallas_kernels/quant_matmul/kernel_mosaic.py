@@ -235,9 +235,10 @@ class StreamK:
     width)``. ``ctas >= tiles``, so ``width <= steps`` and a share crosses at most one tile
     boundary.
 
-    The accumulator is never written by anything but wgmma (a reset between two wgmmas makes
-    ptxas serialize every wgmma of the kernel: a first version that zeroed it at the boundary ran
-    each step 1.2-1.5x slower, NOTES round 15). A share that begins inside tile ``t`` (its head)
+    The accumulator is never written by anything but wgmma (a first version that zeroed it at
+    the boundary ran each step 1.2-1.5x slower, NOTES round 15; the likely cause, not yet
+    confirmed, is ptxas serializing every wgmma of a kernel whose accumulator registers are
+    defined by other instructions inside the wgmma pipeline). A share that begins inside tile ``t`` (its head)
     publishes the accumulator when the next tile begins and goes on accumulating; at the end it
     subtracts the published head from the accumulator (exact up to fp32 rounding of the sum)."""
     tiles: int
