@@ -490,15 +490,15 @@ def main():
                     help="stop starting new shapes after this many seconds (results so far kept)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpreted (CPU check)")
     ap.add_argument("--rows", default=None, help="comma list of M instead of 1,8,64,512,4096")
-    ap.add_argument("--mosaic-switches", action="store_true",
-                    help="kernel_mosaic.SCHEDULE_TAIL and SCHEDULE_LOP3 on (the hybrid grid and the fused "
-                         "LOP3 in the default prefill config; NOTES round 15)")
+    ap.add_argument("--no-mosaic-switches", action="store_true",
+                    help="kernel_mosaic.SCHEDULE_TAIL and SCHEDULE_LOP3 off (no hybrid grid and no fused "
+                         "LOP3 in the default prefill config: the defaults before NOTES round 16)")
     args = ap.parse_args()
     global INTERPRET, SHAPES, ROWS, CACHE_BYTES
     if args.rows:
         ROWS = [int(r) for r in args.rows.split(",")]
-    if args.mosaic_switches:
-        km.SCHEDULE_TAIL = km.SCHEDULE_LOP3 = True
+    if args.no_mosaic_switches:
+        km.SCHEDULE_TAIL = km.SCHEDULE_LOP3 = False
     if args.smoke:
         INTERPRET, SHAPES, ROWS, CACHE_BYTES = True, [(256, 512)], [1, 64], 1
     t_start = time.perf_counter()

@@ -91,11 +91,11 @@ class MosaicConfig:
     and the rest, the partial last wave, run as a second launch split-K by ``tail_splits`` (fp32
     partials summed by XLA into the first launch's output in place), so a grid of 2.06 waves takes
     about 2 + 1/tail_splits waves instead of 3 (NOTES round 14). Not with ``splits``. Measured
-    10-24% faster at the four issue shapes with a tail (round 15); its GPU check has not run yet
-    (``SCHEDULE_TAIL``). ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
+    10-24% faster at the four issue shapes with a tail (round 15); checked on an H100 (round 16;
+    ``SCHEDULE_TAIL``). ``lop3``: each code field is masked and OR-ed with the magic in one ``lop3.b32``
     (inline PTX; LLVM emits an AND and an OR, which ptxas leaves as two LOP3s: round 14's SASS),
     16 of the ~158 instructions per warp and step at 4 bits; the same values. Measured 1-2.5%
-    faster at 176 tokens, 0-1% at 256 (round 15); GPU check pending (``SCHEDULE_LOP3``).
+    faster at 176 tokens, 0-1% at 256 (round 15); checked on an H100 (round 16; ``SCHEDULE_LOP3``).
     ``stream_k``: the tiles that fill whole waves run as usual and the rest (all of them for a grid
     under one wave) run as a second launch of one CTA per SM, each taking an equal share of the
     rest's (tile, step) iterations (stream-K: a CTA's share may start or end inside a tile). The
@@ -363,13 +363,12 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     return min(cands, key=lambda c: (modeled_cost(m, n, c, sms, steps=steps), -c.block_m))
 
 
-# Measured faster on an H100 (NOTES round 15) but not yet checked on a GPU (the GPU tests
-# ``pytest -m gpu -k "tail or l3"`` are written and have not run: the device calls of round 15 ran
-# out): the hybrid grid (``tail_splits=0``: at 512 rows 5120 -> 34816 280 -> 252 us, 17408
-# 170 -> 139, 12288 116 -> 104, 10240 117 -> 89) and the fused LOP3 (1-2.5% at 176 tokens, 0-1% at
-# 256). ``schedule`` takes them once those tests pass; set them to take them now.
-SCHEDULE_TAIL = False
-SCHEDULE_LOP3 = False
+# Measured faster on an H100 (NOTES round 15) and checked against the reference there (round 16:
+# ``pytest -m gpu -k "tail or l3 or scheduled_switches"``, 18 passed): the hybrid grid
+# (``tail_splits=0``: at 512 rows 5120 -> 34816 280 -> 252 us, 17408 170 -> 139, 12288 116 -> 104,
+# 10240 117 -> 89) and the fused LOP3 (1-2.5% at 176 tokens, 0-1% at 256). Switches for ablations.
+SCHEDULE_TAIL = True
+SCHEDULE_LOP3 = True
 
 
 def schedule(block_m: int) -> MosaicConfig:

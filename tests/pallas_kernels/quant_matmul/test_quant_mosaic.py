@@ -200,8 +200,10 @@ def test_choose_config_fills_the_grid():
     # the swizzled word tile everywhere (faster at all seven issue shapes, int4 and int8)
     assert small.swizzle_words and km.choose_config(512, 5120, sms=132, bits=8, group_size=32,
                                                     in_features=5120).swizzle_words
-    # the fused LOP3 and the hybrid grid wait for their GPU checks (SCHEDULE_LOP3 / SCHEDULE_TAIL)
-    assert not small.lop3 and small.tail_splits == 1
+    # the fused LOP3 everywhere (SCHEDULE_LOP3); the hybrid grid where the partials fit 32-token
+    # chunks (SCHEDULE_TAIL: not at 176 tokens)
+    assert small.lop3 and small.tail_splits == 1
+    assert km.choose_config(512, 34816, sms=132, **kw).tail_splits == 0
 
 
 def test_schedule_switches_take_the_hybrid_grid_where_the_model_prices_it_faster(monkeypatch):
