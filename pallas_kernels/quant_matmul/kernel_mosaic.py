@@ -216,35 +216,38 @@ def tail_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None 
 def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | None = None):
     """``(whole, rest, ctas)`` for ``cfg.stream_k``: feature tiles (of ``cta_n``) computed whole in
     the first launch (as many full waves of ``sms`` CTAs as fit, as in ``tail_plan``), feature
-    tiles left to the stream-K launch, and its CTAs: the most, up to one per SM, that divide the
-    rest's (tile, step) iterations evenly (at least one per tile, so a CTA's share crosses at most
-    one tile boundary). ``(all, 0, 0)`` when the waves come out even."""
+    tiles left to the stream-K launch, and its CTAs per token tile: the most, up to
+    ``sms // m_tiles``, that divide the rest's (feature tile, step) iterations evenly (at least
+    one per feature tile, so a CTA's share crosses at most one tile boundary). ``(all, 0, 0)``
+    when the waves come out even."""
     sms = sms or num_sms()
     n_tiles, m_tiles, whole = _whole_waves(m, n, cfg, sms)
     rest = n_tiles - whole
     if not rest:
         return n_tiles, 0, 0
-    while rest * m_tiles > sms:  # token tiles that do not divide a wave: at most one tile per CTA
+    per_row = max(1, sms // m_tiles)
+    while rest > per_row:  # token tiles that do not divide a wave: at most one feature tile per CTA
         whole, rest = whole + 1, rest - 1
-    tiles = rest * m_tiles
-    ctas = max(c for c in range(tiles, sms + 1) if (tiles * steps) % c == 0)
+    ctas = max(c for c in range(rest, per_row + 1) if (rest * steps) % c == 0)
     return whole, rest, ctas
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamK:
-    """The static plan of one stream-K launch: ``tiles`` (token tile fastest) of ``steps``
-    pipeline steps each, ``ctas`` CTAs that divide the ``I = tiles * steps`` (tile, step)
-    iterations into equal shares of ``width = I / ctas``: CTA ``g`` runs ``[g width, (g + 1)
-    width)``. ``ctas >= tiles``, so ``width <= steps`` and a share crosses at most one tile
-    boundary.
+    """The static plan of one stream-K launch: ``tiles`` feature tiles of ``steps`` pipeline steps
+    each, for each of ``m_tiles`` token tiles; per token tile, ``ctas`` CTAs divide the ``I =
+    tiles * steps`` (feature tile, step) iterations into equal shares of ``width = I / ctas``:
+    CTA ``(g, mi)`` runs ``[g width, (g + 1) width)`` for token tile ``mi``. ``ctas >= tiles``,
+    so ``width <= steps`` and a share crosses at most one tile boundary. The CTAs of one ``g``
+    (one per token tile) run the same weight steps at the same time, so the weight tile they
+    read is fetched from memory once and shared through L2, as in the plain grid (a first
+    schedule that spread the token tiles over the shares ran each step 1.22x slower, round 16).
 
-    The accumulator is never written by anything but wgmma (a first version that zeroed it at
-    the boundary ran each step 1.2-1.5x slower, NOTES round 15; the likely cause, not yet
-    confirmed, is ptxas serializing every wgmma of a kernel whose accumulator registers are
-    defined by other instructions inside the wgmma pipeline). A share that begins inside tile ``t`` (its head)
-    publishes the accumulator when the next tile begins and goes on accumulating; at the end it
-    subtracts the published head from the accumulator (exact up to fp32 rounding of the sum)."""
+    The accumulator is never written by anything but wgmma (a version that zeroed it at the
+    boundary ran each step 1.2-1.5x slower, NOTES round 15). A share that begins inside tile
+    ``t`` (its head) publishes the accumulator when the next tile begins and goes on
+    accumulating; at the end it subtracts the published head from the accumulator (exact up to
+    fp32 rounding of the sum)."""
     tiles: int
     steps: int
     ctas: int
@@ -261,14 +264,17 @@ class StreamK:
     # The schedule below works on Python ints (tests simulate the kernel with them) and on traced
     # int32 scalars (the kernel): operators only.
     def share(self, g):
-        """``(lo, hi)``: CTA ``g`` owns iterations ``[lo, hi)``."""
+        """``(lo, hi)``: CTA ``g`` owns iterations ``[lo, hi)`` (of every token tile)."""
         return g * self.width, (g + 1) * self.width
 
     def at(self, lo, c):
-        """``(feature tile, token tile, step within the tile)`` of pipeline step ``c``."""
+        """``(feature tile, step within the tile)`` of pipeline step ``c``."""
         it = lo + c
-        t = it // self.steps
-        return t // self.m_tiles, t % self.m_tiles, it % self.steps
+        return it // self.steps, it % self.steps
+
+    def semaphore(self, t, mi, wg):
+        """The index of the semaphore of feature tile ``t``, token tile ``mi``, warpgroup ``wg``."""
+        return (t * self.m_tiles + mi) * 2 + wg
 
     def head(self, lo, hi):
         """Whether the share begins inside a tile and crosses into the next: its accumulator is
@@ -667,7 +673,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         """One kernel over feature tiles ``[n0, n0 + n_grid)``: ``splits == 1`` writes them into a
         bf16 ``out [Mp, N]`` (other columns left unwritten), else fp32 partials out^T
         ``[splits, n_grid cta_n, Mp]``; with ``sk`` (stream-K) a bf16 ``[Mp, n_grid cta_n]`` and
-        the fp32 workspace of the partials ``[ctas, 2, 64, wm]`` (discarded)."""
+        the fp32 workspace of the partials ``[ctas, m_tiles, 2, 64, wm]`` (discarded)."""
         steps = sk.width if sk else kp // d // splits  # pipeline steps per CTA
 
         def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
@@ -683,12 +689,13 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 ws_gmem = rest[-1]
                 g = ni
                 lo, hi = sk.share(g)
-                sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * sk.tiles,)))  # per tile and warpgroup
+                # per feature tile, token tile and warpgroup
+                sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * sk.tiles * sk.m_tiles,)))
                 at = functools.partial(sk.at, lo)
 
                 def publish(acc, t):  # a partial of tile t for the CTA that holds its first step
-                    ws_gmem.at[g, wg][...] = acc
-                    plgpu.semaphore_signal(sems.at[2 * t + wg], memory_scope="gpu")
+                    ws_gmem.at[g, mi, wg][...] = acc
+                    plgpu.semaphore_signal(sems.at[sk.semaphore(t, mi, wg)], memory_scope="gpu")
 
             def step(idx, x_smem, w_smem, sc_smem, *more):
                 zb_smem = more[0] if has_zeros else None
@@ -741,14 +748,15 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 def _():
                     @pl.when(others > 0)
                     def _():
-                        plgpu.semaphore_wait(sems.at[2 * t + wg], others, memory_scope="gpu")
+                        plgpu.semaphore_wait(sems.at[sk.semaphore(t, mi, wg)], others, memory_scope="gpu")
 
                     def add(j, v):  # j = 0: this CTA's own head, published earlier, comes off again
-                        part = plgpu.load(ws_gmem.at[g + j, wg], (), layout=plgpu.Layout.WGMMA, optimized=False)
+                        part = plgpu.load(ws_gmem.at[g + j, mi, wg], (), layout=plgpu.Layout.WGMMA,
+                                          optimized=False)
                         return v + part * jnp.where(j == 0, -1.0, 1.0).astype(jnp.float32)
 
                     total = lax.fori_loop(jnp.where(sk.head(lo, hi), 0, 1), others + 1, add, acc)
-                    store_bf16(total, o_smem, mi=t % sk.m_tiles, ni=t // sk.m_tiles, n0=0)
+                    store_bf16(total, o_smem, ni=t, n0=0)
 
                 @pl.when(jnp.logical_not(holds_first))
                 def _():
@@ -774,8 +782,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 pl.run_scoped(functools.partial(finish, acc), o_alloc, collective_axes=("wg",))
 
             if sk:
-                x_at = lambda c: (at(c)[1], at(c)[2])  # noqa: E731
-                k_at = lambda c: at(c)[2]  # noqa: E731
+                x_at = lambda c: (mi, at(c)[1])  # noqa: E731
+                k_at = lambda c: at(c)[1]  # noqa: E731
                 n_at = lambda c: n0 + at(c)[0]  # noqa: E731
             else:
                 x_at = lambda c: (mi, c0 + c)  # noqa: E731
@@ -808,7 +816,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
         if sk:
             out_type = (jax.ShapeDtypeStruct((mp, n_grid * cta_n), out_dtype),
-                        jax.ShapeDtypeStruct((sk.ctas, 2, 64, wm), jnp.float32))
+                        jax.ShapeDtypeStruct((sk.ctas, sk.m_tiles, 2, 64, wm), jnp.float32))
         extra = {}
         if pp:
             extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
@@ -816,7 +824,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             kernel,
             out_type=out_type,
             **extra,
-            grid=(sk.ctas, 1, 1) if sk else (n_grid, mp // bm, splits),
+            grid=(sk.ctas if sk else n_grid, mp // bm, 1 if sk else splits),
             grid_names=("n", "m", "k"),
             num_threads=3,
             thread_name="wg",
@@ -835,7 +843,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
     # the feature tiles [whole, n_tiles) of the partial last wave: stream-K or split-K (or none)
     if cfg.stream_k:
         whole, tail, ctas = stream_k_plan(m_rows, n, cfg, steps=kp // d)
-        tail_launch = lambda: launch(1, whole, tail, StreamK(tail * (mp // bm), kp // d, ctas, mp // bm))  # noqa: E731
+        tail_launch = lambda: launch(1, whole, tail, StreamK(tail, kp // d, ctas, mp // bm))  # noqa: E731
     else:
         whole, tail, tail_splits = tail_plan(m_rows, n, cfg, steps=kp // d)
         tail_launch = lambda: summed(launch(tail_splits, whole, tail))  # noqa: E731
