@@ -240,14 +240,15 @@ class StreamK:
     CTA ``(g, mi)`` runs ``[g width, (g + 1) width)`` for token tile ``mi``. ``ctas >= tiles``,
     so ``width <= steps`` and a share crosses at most one tile boundary. The CTAs of one ``g``
     (one per token tile) run the same weight steps at the same time, so the weight tile they
-    read is fetched from memory once and shared through L2, as in the plain grid (a first
-    schedule that spread the token tiles over the shares ran each step 1.22x slower, round 16).
+    read is fetched from memory once and shared through L2, as in the plain grid.
 
-    The accumulator is never written by anything but wgmma (a version that zeroed it at the
-    boundary ran each step 1.2-1.5x slower, NOTES round 15). A share that begins inside tile
-    ``t`` (its head) publishes the accumulator when the next tile begins and goes on
-    accumulating; at the end it subtracts the published head from the accumulator (exact up to
-    fp32 rounding of the sum)."""
+    A CTA runs its share as two pipelines, each with its own accumulator: the head (the steps
+    before its first tile boundary, if the share begins inside a tile), published to the fp32
+    workspace and signalled; then the rest, which begins at its tile's first step, so the CTA
+    waits for the heads of the CTAs after it that hold the tile's other steps, adds them and
+    stores the tile. Earlier versions (NOTES rounds 15-16) zeroed the accumulator at the
+    boundary (1.2-1.5x slower per step), or published it from inside one pipeline and
+    subtracted it at the end (register spills at 256 tokens; 5-20% slower than this one)."""
     tiles: int
     steps: int
     ctas: int
@@ -272,27 +273,20 @@ class StreamK:
         it = lo + c
         return it // self.steps, it % self.steps
 
+    def head_len(self, lo, hi):
+        """The steps of the share before its first tile boundary if it begins inside a tile (the
+        head, published as a partial of tile ``lo // steps``), else 0."""
+        a = (self.steps - lo % self.steps) % self.steps
+        w = hi - lo
+        return a - (a > w) * (a - w)
+
     def semaphore(self, t, mi, wg):
         """The index of the semaphore of feature tile ``t``, token tile ``mi``, warpgroup ``wg``."""
         return (t * self.m_tiles + mi) * 2 + wg
 
-    def head(self, lo, hi):
-        """Whether the share begins inside a tile and crosses into the next: its accumulator is
-        published (as the partial of tile ``lo // steps``) before step ``steps - lo % steps``."""
-        return (lo % self.steps > 0) & ((hi - 1) // self.steps > lo // self.steps)
-
-    def publish_at(self, lo, hi, c):
-        """Before pipeline step ``c``: publish the head (see ``head``)."""
-        return self.head(lo, hi) & (c == self.steps - lo % self.steps)
-
-    def last_tile(self, g, lo, hi):
-        """``(t, holds_first, others)`` after the last step: the tile ``t`` the accumulator
-        ends in; whether this CTA holds its first step (then it waits for the ``others``
-        partials, of CTAs ``g + 1 .. g + others``, adds them, subtracts its own head if it
-        published one, and stores the tile), else it publishes its partial of ``t``."""
-        t = (hi - 1) // self.steps
-        first = t * self.steps
-        return t, lo <= first, ((first + self.steps - 1) // self.width) - g
+    def others(self, t, g):
+        """How many CTAs after ``g`` hold steps of tile ``t`` (their heads: ``g`` adds them)."""
+        return (t * self.steps + self.steps - 1) // self.width - g
 
 
 # The grid model of ``choose_config``: one CTA per SM (~180 KB of shared memory), CTAs of equal
@@ -700,12 +694,6 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             def step(idx, x_smem, w_smem, sc_smem, *more):
                 zb_smem = more[0] if has_zeros else None
                 acc_ref = more[-1]
-                if sk:  # publish the head and keep accumulating (no write to the accumulator here)
-                    c = idx[0] if isinstance(idx, (tuple, list)) else idx
-
-                    @pl.when(sk.publish_at(lo, hi, c))
-                    def _():
-                        publish(acc_ref[...], lo // sk.steps)
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
                 decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
                                            by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3)
@@ -741,27 +729,6 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                     o, out_gmem.at[rows(wm, mi=mi), cols(n0, ni=ni)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            def finish_stream_k(acc, o_smem):  # the share's last tile: add the others' partials or publish
-                t, holds_first, others = sk.last_tile(g, lo, hi)
-
-                @pl.when(holds_first)
-                def _():
-                    @pl.when(others > 0)
-                    def _():
-                        plgpu.semaphore_wait(sems.at[sk.semaphore(t, mi, wg)], others, memory_scope="gpu")
-
-                    def add(j, v):  # j = 0: this CTA's own head, published earlier, comes off again
-                        part = plgpu.load(ws_gmem.at[g + j, mi, wg], (), layout=plgpu.Layout.WGMMA,
-                                          optimized=False)
-                        return v + part * jnp.where(j == 0, -1.0, 1.0).astype(jnp.float32)
-
-                    total = lax.fori_loop(jnp.where(sk.head(lo, hi), 0, 1), others + 1, add, acc)
-                    store_bf16(total, o_smem, ni=t, n0=0)
-
-                @pl.when(jnp.logical_not(holds_first))
-                def _():
-                    publish(acc, t)
-
             def store_partial(acc, o_smem):  # fp32 out^T [splits, n_grid cta_n, Mp] in 32-token chunks
                 o = o_smem.at[wg]
                 for j in range(wm // 32):
@@ -771,37 +738,73 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                     plgpu.copy_smem_to_gmem(o, out_gmem.at[lax.axis_index("k"), cols(0), rows(32, j * 32)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            def context(run):
-                if pp:  # warpgroup 0 takes the first turn
+            def context(run, finish=None, first_turn=True, smem=True):
+                if pp and first_turn:  # warpgroup 0 takes the first turn (once: turns carry over)
                     @pl.when(wg == 1)
                     def _():
                         plgpu.barrier_arrive(turn.at[0])
 
                 acc = pl.run_scoped(lambda acc_ref: run(acc_ref)[...], plgpu.ACC((64, wm)))
-                finish = finish_stream_k if sk else store_partial if splits > 1 else store_bf16
-                pl.run_scoped(functools.partial(finish, acc), o_alloc, collective_axes=("wg",))
+                if finish is None:
+                    finish = store_partial if splits > 1 else store_bf16
+                if smem:
+                    pl.run_scoped(functools.partial(finish, acc), o_alloc, collective_axes=("wg",))
+                else:
+                    finish(acc)
 
-            if sk:
-                x_at = lambda c: (mi, at(c)[1])  # noqa: E731
-                k_at = lambda c: at(c)[1]  # noqa: E731
-                n_at = lambda c: n0 + at(c)[0]  # noqa: E731
+            def emit(context, length=steps, first=None):  # the pipeline over this CTA's steps
+                if sk:  # pipeline step c is iteration first + c of the share
+                    at_c = functools.partial(sk.at, lo if first is None else first)
+                    x_at = lambda c: (mi, at_c(c)[1])  # noqa: E731
+                    k_at = lambda c: at_c(c)[1]  # noqa: E731
+                    n_at = lambda c: n0 + at_c(c)[0]  # noqa: E731
+                else:
+                    x_at = lambda c: (mi, c0 + c)  # noqa: E731
+                    k_at = lambda c: c0 + c  # noqa: E731
+                    n_at = lambda c: ni + n0  # noqa: E731
+                specs = [
+                    plgpu.BlockSpec((bm, d), x_at, transforms=x_transforms),
+                    plgpu.BlockSpec((r, cta_n), lambda c: (k_at(c), n_at(c)),
+                                    transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
+                    plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))),
+                ]
+                if has_zeros:
+                    specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))))
+                plgpu.emit_pipeline_warp_specialized(
+                    step, grid=(length,), memory_registers=40, in_specs=tuple(specs),
+                    max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
+                    compute_context=context,
+                )(xp_gmem, w_gmem, sc_gmem, *((zb_gmem,) if has_zeros else ()))
+
+            if sk:  # the head [lo, b0) and the rest [b0, hi): two pipelines, two accumulators
+                a_len = sk.head_len(lo, hi)
+                b0 = lo + a_len
+
+                def finish_head(acc):
+                    @pl.when(a_len > 0)
+                    def _():
+                        publish(acc, lo // sk.steps)
+
+                def finish_rest(acc, o_smem):  # holds the first step of its tile: add the others' partials
+                    t = b0 // sk.steps
+                    others = sk.others(t, g)
+
+                    @pl.when(b0 < hi)
+                    def _():
+                        @pl.when(others > 0)
+                        def _():
+                            plgpu.semaphore_wait(sems.at[sk.semaphore(t, mi, wg)], others, memory_scope="gpu")
+
+                        def add(j, v):
+                            return v + plgpu.load(ws_gmem.at[g + j, mi, wg], (), layout=plgpu.Layout.WGMMA,
+                                                  optimized=False)
+
+                        store_bf16(lax.fori_loop(1, others + 1, add, acc), o_smem, ni=t, n0=0)
+
+                emit(functools.partial(context, finish=finish_head, first_turn=True, smem=False), a_len, lo)
+                emit(functools.partial(context, finish=finish_rest, first_turn=False), hi - b0, b0)
             else:
-                x_at = lambda c: (mi, c0 + c)  # noqa: E731
-                k_at = lambda c: c0 + c  # noqa: E731
-                n_at = lambda c: ni + n0  # noqa: E731
-            specs = [
-                plgpu.BlockSpec((bm, d), x_at, transforms=x_transforms),
-                plgpu.BlockSpec((r, cta_n), lambda c: (k_at(c), n_at(c)),
-                                transforms=WORD_TRANSFORMS() if cfg.swizzle_words else ()),
-                plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))),
-            ]
-            if has_zeros:
-                specs.append(plgpu.BlockSpec((1, half, cta_n), lambda c: ((k_at(c) * r) // gsr, 0, n_at(c))))
-            plgpu.emit_pipeline_warp_specialized(
-                step, grid=(steps,), memory_registers=40, in_specs=tuple(specs),
-                max_concurrent_steps=cfg.stages, wg_axis="wg", num_compute_wgs=2,
-                compute_context=context,
-            )(xp_gmem, w_gmem, sc_gmem, *((zb_gmem,) if has_zeros else ()))
+                emit(context)
 
             @pl.when(wg == 2)
             def _():  # the memory warpgroup takes part in the collective allocation of the store

@@ -267,36 +267,33 @@ def test_tail_plan_fills_whole_waves_then_splits_the_rest():
 
 def simulate_stream_k(sk: km.StreamK, values):
     """The stream-K launch's control flow (``quant_matmul_mosaic`` with ``stream_k``) run on the
-    host with ``StreamK``'s schedule, one scalar per (tile, step) instead of a wgmma: returns the
-    stored tile sums and checks the semaphore protocol (each waiter gets exactly its partials)."""
-    ws, sems, stored = {}, {}, {}
-    for g in range(sk.ctas):  # the publishers first: a waiter never reads a slot not yet written
+    host with ``StreamK``'s schedule, one scalar per (tile, step) instead of a wgmma: each CTA runs
+    its head (published) and then the rest of its share (which starts at its tile's first step: it
+    adds the others' partials and stores). Returns the stored tile sums; checks that every
+    published partial is read once, by the CTA that holds its tile's first step."""
+    ws, stored = {}, {}
+    for g in range(sk.ctas):
         lo, hi = sk.share(g)
-        acc = 0.0
-        for c in range(sk.width):
-            if sk.publish_at(lo, hi, c):  # the head, published; the accumulator goes on
-                assert g not in ws, "a CTA publishes at most one partial"
-                ws[g] = (lo // sk.steps, acc)
-                sems[lo // sk.steps] = sems.get(lo // sk.steps, 0) + 1
-            t, ks = sk.at(lo, c)
-            acc += values[t, ks]
-        t, holds_first, others = sk.last_tile(g, lo, hi)
-        if holds_first:
-            stored.setdefault(t, []).append((g, others, acc, ws.get(g, (None, 0.0))[1] if sk.head(lo, hi) else None))
-        else:
-            assert g not in ws
-            ws[g] = (t, acc)
-            sems[t] = sems.get(t, 0) + 1
+        a = sk.head_len(lo, hi)
+        assert 0 <= a <= hi - lo and (a == 0) == (lo % sk.steps == 0)
+        if a:
+            assert len({sk.at(lo, c)[0] for c in range(a)}) == 1, "the head stays in one tile"
+            ws[g] = (lo // sk.steps, sum(values[sk.at(lo, c)] for c in range(a)))
+        b0 = lo + a
+        if b0 < hi:
+            t = b0 // sk.steps
+            assert b0 % sk.steps == 0 and {sk.at(b0, c)[0] for c in range(hi - b0)} == {t}
+            others = sk.others(t, g)
+            assert t not in stored, f"tile {t} stored twice"
+            stored[t] = (g, others, sum(values[sk.at(b0, c)] for c in range(hi - b0)))
     out = {}
-    for t, [(g, others, acc, own)] in stored.items():  # one finalizer per tile
-        assert sems.pop(t, 0) == others, f"tile {t}: waits for {others} signals"
-        if own is not None:  # its head went to another tile: it comes off the accumulator
-            acc -= own
+    for t, (g, others, acc) in stored.items():
         for j in range(1, others + 1):
-            pt, part = ws[g + j]
+            pt, part = ws.pop(g + j)
             assert pt == t, f"CTA {g + j} published tile {pt}, read for tile {t}"
             acc += part
         out[t] = acc
+    assert not ws, f"partials nobody read: {ws}"
     return out
 
 
@@ -306,7 +303,7 @@ def simulate_stream_k(sk: km.StreamK, values):
 def test_stream_k_schedule_covers_every_step_once(tiles, steps, ctas):
     """Every (tile, step) product lands in its tile exactly once: each tile's sum is exact (powers
     of two below 2**40 with distinct exponents per tile, so a lost, doubled or misplaced step shows
-    as a wrong sum, and the head subtracted again is exact)."""
+    as a wrong sum)."""
     sk = km.StreamK(tiles, steps, ctas, m_tiles=2)
     assert sk.width <= steps
     values = np.ldexp(1.0, np.arange(tiles * steps) % 40).reshape(tiles, steps) * (1 + np.arange(tiles))[:, None]
