@@ -97,15 +97,14 @@ class MosaicConfig:
     16 of the ~158 instructions per warp and step at 4 bits; the same values. Measured 1-2.5%
     faster at 176 tokens, 0-1% at 256 (round 15); checked on an H100 (round 16; ``SCHEDULE_LOP3``).
     ``stream_k``: the tiles that fill whole waves run as usual and the rest (all of them for a grid
-    under one wave) run as a second launch of one CTA per SM, each taking an equal share of the
-    rest's (tile, step) iterations (stream-K: a CTA's share may start or end inside a tile). The
-    CTA that holds a tile's first step adds the other CTAs' fp32 partials of that tile (written to
-    a workspace and signalled with a global semaphore) and stores the tile in bf16, so the launch
-    ends after about ``tiles / SMs`` tile-times instead of a whole wave (``StreamK`` gives the
-    schedule). Not with ``splits``, ``tail_splits``, ``token_split`` or ``interleave``. A first
-    version, which zeroed the accumulator at tile boundaries, was correct on an H100 and 1.2-1.5x
-    slower per step (round 15); this one (no accumulator writes outside wgmma) is not yet run on
-    a GPU."""
+    under one wave) run as a second launch of up to one CTA per SM, the CTAs of each token tile
+    taking equal shares of the rest's (feature tile, step) iterations (stream-K: a CTA's share may
+    start or end inside a tile). The CTA that holds a tile's first step adds the other CTAs' fp32
+    partials of that tile (written to a workspace and signalled with a global semaphore) and
+    stores the tile in bf16 (``StreamK`` gives the schedule). Not with ``splits``, ``tail_splits``,
+    ``token_split`` or ``interleave``. Correct on an H100 (round 16), but each of its steps takes
+    ~1.4x a plain grid step, so it is slower than the plain grid or the hybrid grid at every issue
+    shape measured (NOTES round 16): kept for experiments, never chosen by ``choose_config``."""
 
     block_m: int = 256
     depth: int = 64
