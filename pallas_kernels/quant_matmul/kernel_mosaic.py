@@ -104,7 +104,19 @@ class MosaicConfig:
     stores the tile in bf16 (``StreamK`` gives the schedule). Not with ``splits``, ``tail_splits``,
     ``token_split`` or ``interleave``. Correct on an H100 (round 16), but each of its steps takes
     ~1.4x a plain grid step, so it is slower than the plain grid or the hybrid grid at every issue
-    shape measured (NOTES round 16): kept for experiments, never chosen by ``choose_config``."""
+    shape measured (NOTES round 16): kept for experiments, never chosen by ``choose_config``.
+    With every CTA given one whole tile it ran at the plain grid's speed (+2%), so the cost comes
+    with shares that cross tiles; the suspect (not measured) is that the CTAs then stand at as
+    many K steps at once as there are share offsets into their tiles (K phases), where the plain
+    grid's CTAs all read the same x tile together. ``rest_first`` (with ``stream_k``):
+    each CTA runs the rest of its share (from its tile's first step) before its head, parking the
+    rest's sum in the workspace while the head runs, so at pipeline step ``c`` a CTA stands at K
+    step ``c`` or ``c + steps - width`` unless its share lies inside one tile: at 512 rows and
+    256 tokens 4 K phases instead of 8 at 6144 -> 5120 and 17408 -> 5120, 2 instead of 4 at
+    5120 -> 6144. Prepared in round 16, lowered and simulated on the CPU, not yet run on a GPU.
+    ``stream_k_ctas``: the CTAs per token tile of the stream-K launch (0: ``stream_k_plan``'s
+    choice, the most up to one per SM); at least the launch's feature tiles, a divisor of their
+    iterations (e.g. the feature tiles themselves: every CTA one whole tile)."""
 
     block_m: int = 256
     depth: int = 64
@@ -117,6 +129,8 @@ class MosaicConfig:
     tail_splits: int = 1
     lop3: bool = False
     stream_k: bool = False
+    rest_first: bool = False
+    stream_k_ctas: int = 0
 
     @property
     def cta_n(self) -> int:
@@ -131,7 +145,9 @@ class MosaicConfig:
                 + ("_pp" if self.pingpong else "") + ("_sw" if self.swizzle_words else "")
                 + ("_il" if self.interleave else "")
                 + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}"))
-                + ("_l3" if self.lop3 else "") + ("_sk" if self.stream_k else ""))
+                + ("_l3" if self.lop3 else "") + ("_sk" if self.stream_k else "")
+                + ("_rf" if self.rest_first else "")
+                + (f"_c{self.stream_k_ctas}" if self.stream_k_ctas else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -177,6 +193,8 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
         return f"tail_splits={cfg.tail_splits} does not divide the {s // r} pipeline steps"
     if cfg.stream_k and (cfg.splits > 1 or cfg.tail_splits != 1 or cfg.token_split or cfg.interleave):
         return "stream_k is exclusive with splits, tail_splits, token_split and interleave"
+    if (cfg.rest_first or cfg.stream_k_ctas) and not cfg.stream_k:
+        return "rest_first and stream_k_ctas shape the shares of stream_k: they need stream_k=True"
     return None
 
 
@@ -217,8 +235,9 @@ def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | N
     the first launch (as many full waves of ``sms`` CTAs as fit, as in ``tail_plan``), feature
     tiles left to the stream-K launch, and its CTAs per token tile: the most, up to
     ``sms // m_tiles``, that divide the rest's (feature tile, step) iterations evenly (at least
-    one per feature tile, so a CTA's share crosses at most one tile boundary). ``(all, 0, 0)``
-    when the waves come out even."""
+    one per feature tile, so a CTA's share crosses at most one tile boundary), or
+    ``cfg.stream_k_ctas`` (checked against the same rules). ``(all, 0, 0)`` when the waves come
+    out even."""
     sms = sms or num_sms()
     n_tiles, m_tiles, whole = _whole_waves(m, n, cfg, sms)
     rest = n_tiles - whole
@@ -228,6 +247,12 @@ def stream_k_plan(m: int, n: int, cfg: MosaicConfig, *, steps: int, sms: int | N
     while rest > per_row:  # token tiles that do not divide a wave: at most one feature tile per CTA
         whole, rest = whole + 1, rest - 1
     ctas = max(c for c in range(rest, per_row + 1) if (rest * steps) % c == 0)
+    if cfg.stream_k_ctas:
+        ctas = cfg.stream_k_ctas
+        if ctas < rest or (rest * steps) % ctas or ctas > per_row:
+            raise ValueError(f"{cfg.name}: stream_k_ctas={ctas} must be at least the {rest} feature tiles of the "
+                             f"stream-K launch, divide their {rest * steps} iterations and fit one CTA per SM "
+                             f"({per_row} per token tile)")
     return whole, rest, ctas
 
 
@@ -666,7 +691,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         """One kernel over feature tiles ``[n0, n0 + n_grid)``: ``splits == 1`` writes them into a
         bf16 ``out [Mp, N]`` (other columns left unwritten), else fp32 partials out^T
         ``[splits, n_grid cta_n, Mp]``; with ``sk`` (stream-K) a bf16 ``[Mp, n_grid cta_n]`` and
-        the fp32 workspace of the partials ``[ctas, m_tiles, 2, 64, wm]`` (discarded)."""
+        the fp32 workspace of the partials ``[ctas, m_tiles, 2 (head, parked rest), 2, 64, wm]`` (discarded)."""
         steps = sk.width if sk else kp // d // splits  # pipeline steps per CTA
 
         def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
@@ -687,7 +712,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 at = functools.partial(sk.at, lo)
 
                 def publish(acc, t):  # a partial of tile t for the CTA that holds its first step
-                    ws_gmem.at[g, mi, wg][...] = acc
+                    ws_gmem.at[g, mi, 0, wg][...] = acc
                     plgpu.semaphore_signal(sems.at[sk.semaphore(t, mi, wg)], memory_scope="gpu")
 
             def step(idx, x_smem, w_smem, sc_smem, *more):
@@ -795,13 +820,30 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                             plgpu.semaphore_wait(sems.at[sk.semaphore(t, mi, wg)], others, memory_scope="gpu")
 
                         def add(j, v):
-                            return v + plgpu.load(ws_gmem.at[g + j, mi, wg], (), layout=plgpu.Layout.WGMMA,
+                            return v + plgpu.load(ws_gmem.at[g + j, mi, 0, wg], (), layout=plgpu.Layout.WGMMA,
                                                   optimized=False)
 
-                        store_bf16(lax.fori_loop(1, others + 1, add, acc), o_smem, ni=t, n0=0)
+                        own = acc
+                        if cfg.rest_first:  # the rest ran first: its sum waits in slot 1
+                            own = plgpu.load(ws_gmem.at[g, mi, 1, wg], (), layout=plgpu.Layout.WGMMA,
+                                             optimized=False)
+                        store_bf16(lax.fori_loop(1, others + 1, add, own), o_smem, ni=t, n0=0)
 
-                emit(functools.partial(context, finish=finish_head, first_turn=True, smem=False), a_len, lo)
-                emit(functools.partial(context, finish=finish_rest, first_turn=False), hi - b0, b0)
+                if cfg.rest_first:  # the rest (parked in slot 1: the next pipeline needs the registers), the head
+                    def park_rest(acc):
+                        @pl.when(b0 < hi)
+                        def _():
+                            ws_gmem.at[g, mi, 1, wg][...] = acc
+
+                    def finish_both(acc, o_smem):
+                        finish_head(acc)
+                        finish_rest(None, o_smem)
+
+                    emit(functools.partial(context, finish=park_rest, first_turn=True, smem=False), hi - b0, b0)
+                    emit(functools.partial(context, finish=finish_both, first_turn=False), a_len, lo)
+                else:
+                    emit(functools.partial(context, finish=finish_head, first_turn=True, smem=False), a_len, lo)
+                    emit(functools.partial(context, finish=finish_rest, first_turn=False), hi - b0, b0)
             else:
                 emit(context)
 
@@ -818,7 +860,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
         if sk:
             out_type = (jax.ShapeDtypeStruct((mp, n_grid * cta_n), out_dtype),
-                        jax.ShapeDtypeStruct((sk.ctas, sk.m_tiles, 2, 64, wm), jnp.float32))
+                        jax.ShapeDtypeStruct((sk.ctas, sk.m_tiles, 2, 2, 64, wm), jnp.float32))
         extra = {}
         if pp:
             extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)

@@ -2,6 +2,7 @@
 checked on the CPU through ``emulate`` (the kernel's arithmetic in jnp), its lowering for CUDA
 checked on the CPU, and the compiled kernel checked on a Hopper GPU (``gpu`` marker)."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -171,6 +172,7 @@ def test_unsupported_cases_are_named():
     assert "exclusive" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(splits=2, tail_splits=2),
                                                 **kw)
     assert "tail_splits=3" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(tail_splits=3), **kw)
+    assert "need stream_k" in km.unsupported_reason(512, 5120, bits=4, cfg=km.MosaicConfig(rest_first=True), **kw)
     with pytest.raises(NotImplementedError, match="4-bit and 8-bit"):
         km.quant_matmul_mosaic(jnp.zeros((4, 512), jnp.bfloat16), jnp.zeros((32, 128), jnp.uint32),
                                jnp.ones((4, 128), jnp.bfloat16), None, bits=2, group_size=128,
@@ -265,36 +267,45 @@ def test_tail_plan_fills_whole_waves_then_splits_the_rest():
     assert km.tail_plan(512, 128 * 66, cfg, steps=80, sms=132) == (66, 0, 1)  # waves come out even
 
 
-def simulate_stream_k(sk: km.StreamK, values):
+def simulate_stream_k(sk: km.StreamK, values, rest_first=False):
     """The stream-K launch's control flow (``quant_matmul_mosaic`` with ``stream_k``) run on the
     host with ``StreamK``'s schedule, one scalar per (tile, step) instead of a wgmma: each CTA runs
-    its head (published) and then the rest of its share (which starts at its tile's first step: it
-    adds the others' partials and stores). Returns the stored tile sums; checks that every
-    published partial is read once, by the CTA that holds its tile's first step."""
-    ws, stored = {}, {}
+    its head (published) and the rest of its share (which starts at its tile's first step: it adds
+    the others' partials and stores), the head first or, with ``rest_first``, the rest first (its
+    sum parked in the workspace's second slot while the head runs). Returns the stored tile sums
+    and each CTA's K step at each pipeline step; checks that every published partial is read
+    once, by the CTA that holds its tile's first step."""
+    heads, parked, stored, k_steps = {}, {}, {}, {}
     for g in range(sk.ctas):
         lo, hi = sk.share(g)
         a = sk.head_len(lo, hi)
-        assert 0 <= a <= hi - lo and (a == 0) == (lo % sk.steps == 0)
-        if a:
-            assert len({sk.at(lo, c)[0] for c in range(a)}) == 1, "the head stays in one tile"
-            ws[g] = (lo // sk.steps, sum(values[sk.at(lo, c)] for c in range(a)))
         b0 = lo + a
-        if b0 < hi:
-            t = b0 // sk.steps
-            assert b0 % sk.steps == 0 and {sk.at(b0, c)[0] for c in range(hi - b0)} == {t}
-            others = sk.others(t, g)
-            assert t not in stored, f"tile {t} stored twice"
-            stored[t] = (g, others, sum(values[sk.at(b0, c)] for c in range(hi - b0)))
+        assert 0 <= a <= hi - lo and (a == 0) == (lo % sk.steps == 0)
+        segments = [(b0, hi - b0, "rest"), (lo, a, "head")] if rest_first else [(lo, a, "head"), (b0, hi - b0, "rest")]
+        k_steps[g] = [sk.at(first, c)[1] for first, n, _ in segments for c in range(n)]
+        for first, n, kind in segments:
+            acc = sum(values[sk.at(first, c)] for c in range(n))
+            if kind == "head" and n:
+                assert len({sk.at(lo, c)[0] for c in range(a)}) == 1, "the head stays in one tile"
+                heads[g] = (lo // sk.steps, acc)
+            elif kind == "rest" and n:
+                t = b0 // sk.steps
+                assert b0 % sk.steps == 0 and {sk.at(b0, c)[0] for c in range(n)} == {t}
+                assert t not in stored, f"tile {t} stored twice"
+                if rest_first:
+                    parked[g] = acc
+                stored[t] = (g, sk.others(t, g), acc)
     out = {}
-    for t, (g, others, acc) in stored.items():
+    for t, (g, others, acc) in stored.items():  # after every CTA's last pipeline: the finish
+        if rest_first:
+            acc = parked.pop(g)
         for j in range(1, others + 1):
-            pt, part = ws.pop(g + j)
+            pt, part = heads.pop(g + j)
             assert pt == t, f"CTA {g + j} published tile {pt}, read for tile {t}"
             acc += part
         out[t] = acc
-    assert not ws, f"partials nobody read: {ws}"
-    return out
+    assert not heads and not parked, f"partials nobody read: {heads} {parked}"
+    return out, k_steps
 
 
 @pytest.mark.parametrize("tiles,steps,ctas", [(80, 272, 128), (80, 96, 128), (96, 80, 128), (28, 80, 112),
@@ -307,9 +318,21 @@ def test_stream_k_schedule_covers_every_step_once(tiles, steps, ctas):
     sk = km.StreamK(tiles, steps, ctas, m_tiles=2)
     assert sk.width <= steps
     values = np.ldexp(1.0, np.arange(tiles * steps) % 40).reshape(tiles, steps) * (1 + np.arange(tiles))[:, None]
-    out = simulate_stream_k(sk, values)
-    assert sorted(out) == list(range(tiles))
-    np.testing.assert_array_equal([out[t] for t in range(tiles)], values.sum(axis=1))
+    phases = {}
+    for rest_first in (False, True):
+        out, k_steps = simulate_stream_k(sk, values, rest_first)
+        assert sorted(out) == list(range(tiles))
+        np.testing.assert_array_equal([out[t] for t in range(tiles)], values.sum(axis=1))
+        phases[rest_first] = {(k - c) % steps for ks in k_steps.values() for c, k in enumerate(ks)}
+        if rest_first:  # at pipeline step c a CTA stands at K step c or c + steps - width, unless
+            for g, ks in k_steps.items():  # its share lies inside one tile (neither first nor last)
+                lo, hi = sk.share(g)
+                inside = lo % steps and hi % steps and lo // steps == (hi - 1) // steps
+                assert inside or all((k - c) % steps in (0, steps - sk.width) for c, k in enumerate(ks)), g
+    # K phases (K step - pipeline step, mod steps): head first, one per offset of a share into its
+    # tile; rest first, 0, steps - width and the offsets of the shares inside one tile
+    assert phases[False] == {(g * sk.width) % steps for g in range(ctas)}
+    assert phases[True] <= {0, steps - sk.width} | phases[False]
     with pytest.raises(ValueError, match="divide"):
         km.StreamK(tiles, steps, tiles * steps + 1, m_tiles=2)
     # one semaphore per (feature tile, token tile, warpgroup): the kernel's global array, no sharing
@@ -327,6 +350,15 @@ def test_stream_k_plan_leaves_at_most_one_tile_per_cta():
     assert km.stream_k_plan(512, 128, cfg, steps=1, sms=132) == (0, 1, 1)            # 1 iteration per token tile
     assert km.stream_k_plan(512, 128, cfg, steps=66, sms=132) == (0, 1, 66)          # one step per CTA
     assert km.stream_k_plan(512, 128, cfg, steps=134, sms=132) == (0, 1, 2)          # 67 > 66: 2 CTAs of 67
+    # CTAs of the caller's choosing: checked against the same rules, named in the error
+    fixed = km.MosaicConfig(pingpong=True, stream_k=True, stream_k_ctas=48)
+    assert km.stream_k_plan(512, 5120, fixed, steps=96, sms=132) == (0, 40, 48)      # 6144 -> 5120: width 80
+    assert km.stream_k_plan(512, 5120, dataclasses.replace(fixed, stream_k_ctas=40), steps=96, sms=132) == (0, 40, 40)
+    for bad in (39, 50, 80):  # fewer than the tiles, not a divisor of 3,840, more than 66 per token tile
+        with pytest.raises(ValueError, match=f"stream_k_ctas={bad}"):
+            km.stream_k_plan(512, 5120, dataclasses.replace(fixed, stream_k_ctas=bad), steps=96, sms=132)
+    assert "need stream_k" in km.unsupported_reason(512, 5120, bits=4, group_size=128, in_features=5120,
+                                                    cfg=km.MosaicConfig(stream_k_ctas=48))
     # 5 token tiles (1,280 rows at 256) with 132 SMs: the rest never exceeds one tile per CTA
     for n in (5120, 6144, 10240, 12288, 17408, 34816):
         whole, rest, ctas = km.stream_k_plan(1280, n, cfg, steps=80, sms=132)
@@ -388,11 +420,13 @@ def test_mosaic_implementation_off_hopper_is_a_clear_error(rng):
                                        (km.MosaicConfig(pingpong=True, swizzle_words=True, tail_splits=0), True),
                                        (km.MosaicConfig(176, swizzle_words=True, lop3=True), True),
                                        (km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True), True),
-                                       (km.MosaicConfig(176, swizzle_words=True, stream_k=True), False)],
+                                       (km.MosaicConfig(176, swizzle_words=True, stream_k=True), False),
+                                       (km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True, rest_first=True),
+                                        True)],
                          ids=["default-sym", "m128-split2-zeros", "token-split-zeros", "m176-pingpong-zeros",
                               "pingpong-token-split", "m176-pingpong-swizzled-zeros", "m176-swizzled-interleaved-zeros",
                               "d128-split2-token-split-interleaved", "tail-split-zeros", "m176-swizzled-lop3-zeros",
-                              "stream-k-zeros", "m176-stream-k"])
+                              "stream-k-zeros", "m176-stream-k", "stream-k-rest-first-zeros"])
 @pytest.mark.parametrize("bits", km.KERNEL_BITS, ids=lambda b: f"int{b}")
 def test_lowers_for_cuda(cfg, zeros, bits):
     """The whole kernel (pipeline, inline decode, transposed / split-K stores) lowers to Mosaic
@@ -437,7 +471,9 @@ def test_lowers_for_cuda(cfg, zeros, bits):
                                  km.MosaicConfig(interleave=True, token_split=True),
                                  km.MosaicConfig(176, swizzle_words=True, lop3=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True),
-                                 km.MosaicConfig(176, swizzle_words=True, stream_k=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(176, swizzle_words=True, stream_k=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True, rest_first=True)],
+                         ids=lambda c: c.name)
 def test_kernel_matches_reference_gpu(rng, case, cfg):
     m, k, n, gs, z = case
     _, packed, scales, zeros = make_case(rng, k, n, 4, gs, z)
@@ -462,7 +498,9 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
                                  km.MosaicConfig(pingpong=True, swizzle_words=True),
                                  km.MosaicConfig(swizzle_words=True, interleave=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True),
-                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True)], ids=lambda c: c.name)
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True, rest_first=True)],
+                         ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
     m, k, n, gs, z = case
