@@ -691,7 +691,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
         """One kernel over feature tiles ``[n0, n0 + n_grid)``: ``splits == 1`` writes them into a
         bf16 ``out [Mp, N]`` (other columns left unwritten), else fp32 partials out^T
         ``[splits, n_grid cta_n, Mp]``; with ``sk`` (stream-K) a bf16 ``[Mp, n_grid cta_n]`` and
-        the fp32 workspace of the partials ``[ctas, m_tiles, 2 (head, parked rest), 2, 64, wm]`` (discarded)."""
+        the fp32 workspace of the partials ``[ctas, m_tiles, slot, 2, 64, wm]`` (discarded; slot 0: the
+        head, slot 1 with ``rest_first``: the parked rest)."""
         steps = sk.width if sk else kp // d // splits  # pipeline steps per CTA
 
         def kernel(xp_gmem, w_gmem, sc_gmem, *rest):
@@ -709,13 +710,12 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 lo, hi = sk.share(g)
                 # per feature tile, token tile and warpgroup
                 sems = pl.get_global(plgpu.SemaphoreType.REGULAR((2 * sk.tiles * sk.m_tiles,)))
-                at = functools.partial(sk.at, lo)
 
                 def publish(acc, t):  # a partial of tile t for the CTA that holds its first step
                     ws_gmem.at[g, mi, 0, wg][...] = acc
                     plgpu.semaphore_signal(sems.at[sk.semaphore(t, mi, wg)], memory_scope="gpu")
 
-            def step(idx, x_smem, w_smem, sc_smem, *more):
+            def step(_, x_smem, w_smem, sc_smem, *more):
                 zb_smem = more[0] if has_zeros else None
                 acc_ref = more[-1]
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
@@ -738,19 +738,19 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            def rows(size, start=0, mi=mi):  # this warpgroup's tokens
+            def rows(size, start=0):  # this warpgroup's tokens
                 return pl.ds(mi * bm + (wg * wm if ts else 0) + start, size)
 
             def cols(first_tile, ni=ni):  # this warpgroup's output features
                 return pl.ds((ni + first_tile) * cta_n + (0 if ts else wg * 64), 64)
 
-            def store_bf16(acc, o_smem, mi=mi, ni=ni, n0=n0):  # out [Mp, N]: acc is out^T, stored transposed
+            def store_bf16(acc, o_smem, ni=ni, n0=n0):  # out [Mp, N]: acc is out^T, stored transposed
                 o = o_smem.at[wg]
                 plgpu.transpose_ref(o, (1, 0))[...] = plgpu.layout_cast(
                     acc.astype(out_dtype), plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(
-                    o, out_gmem.at[rows(wm, mi=mi), cols(n0, ni=ni)])
+                    o, out_gmem.at[rows(wm), cols(n0, ni=ni)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             def store_partial(acc, o_smem):  # fp32 out^T [splits, n_grid cta_n, Mp] in 32-token chunks
@@ -778,7 +778,7 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
 
             def emit(context, length=steps, first=None):  # the pipeline over this CTA's steps
                 if sk:  # pipeline step c is iteration first + c of the share
-                    at_c = functools.partial(sk.at, lo if first is None else first)
+                    at_c = functools.partial(sk.at, first)
                     x_at = lambda c: (mi, at_c(c)[1])  # noqa: E731
                     k_at = lambda c: at_c(c)[1]  # noqa: E731
                     n_at = lambda c: n0 + at_c(c)[0]  # noqa: E731
@@ -860,7 +860,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
             out_type = jax.ShapeDtypeStruct((mp, n), out_dtype)
         if sk:
             out_type = (jax.ShapeDtypeStruct((mp, n_grid * cta_n), out_dtype),
-                        jax.ShapeDtypeStruct((sk.ctas, sk.m_tiles, 2, 2, 64, wm), jnp.float32))
+                        jax.ShapeDtypeStruct((sk.ctas, sk.m_tiles, 2 if cfg.rest_first else 1, 2, 64, wm),
+                                             jnp.float32))
         extra = {}
         if pp:
             extra["scratch_types"] = (plgpu.Barrier(num_arrivals=1, num_barriers=2),)
