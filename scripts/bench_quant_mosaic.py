@@ -50,15 +50,17 @@ def make(rng_key, m, k, n, group_size, zeros, bits=4):
 
 def parse_config(text):
     """``block_m:depth:stages[:splits[:tail_splits[:stream_k_ctas]]]`` plus flags: ``t`` token_split, ``p`` pingpong, ``s``
-    swizzle_words, ``i`` interleave, ``l`` lop3, ``k`` stream_k, ``r`` rest_first; or ``auto``: None, resolved per shape by ``resolve`` (``kernel_mosaic.choose_config``)."""
+    swizzle_words, ``i`` interleave, ``l`` lop3, ``k`` stream_k, ``r`` rest_first, ``b`` byte_perm (8-bit codes); or ``auto``: None, resolved per shape by ``resolve`` (``kernel_mosaic.choose_config``)."""
     if text == "auto":
         return None
-    flags = text[len(text.rstrip("tpsilkr")):]
+    head = text.rstrip("tpsilkrb")
+    flags = text[len(head):]
     ints = dict(zip(("block_m", "depth", "stages", "splits", "tail_splits", "stream_k_ctas"),
-                    map(int, text.rstrip("tpsilkr").split(":"))))
+                    map(int, head.split(":"))))
     return km.MosaicConfig(**ints, token_split="t" in flags, pingpong="p" in flags,
                            swizzle_words="s" in flags, interleave="i" in flags, lop3="l" in flags,
-                           stream_k="k" in flags, rest_first="r" in flags)
+                           stream_k="k" in flags, rest_first="r" in flags,
+                           byte_perm="b" in flags)
 
 
 def resolve(cfg, m, k, n, gs, bits=4):
@@ -74,7 +76,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="512,4096")
     ap.add_argument("--configs", default="256:64:3,128:64:4,256:64:4,128:128:3",
-                    help="block_m:depth:stages[:splits[:tail_splits[:stream_k_ctas]]][t: token_split][p: pingpong][s: swizzle_words][i: interleave][l: lop3][k: stream_k][r: rest_first], comma list; the first two also run the checks")
+                    help="block_m:depth:stages[:splits[:tail_splits[:stream_k_ctas]]][t: token_split][p: pingpong][s: swizzle_words][i: interleave][l: lop3][k: stream_k][r: rest_first][b: byte_perm], comma list; the first two also run the checks")
     ap.add_argument("--all-shapes", action="store_true", help="every issue shape (time only: the checks run first)")
     ap.add_argument("--shapes", default=None, help="K:N comma list instead of the first / all issue shapes")
     ap.add_argument("--sweep", action="store_true",

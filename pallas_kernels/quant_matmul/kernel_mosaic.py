@@ -63,6 +63,9 @@ from pallas_kernels.quant_matmul import layout
 MAGIC = 0x43004300  # bf16 pair (128, 128); OR-ing a 4-bit code into each mantissa gives 128 + c
 MAGIC_F32 = 0x4B000000  # fp32 2**23; OR-ing an 8-bit code into the mantissa gives 2**23 + c (exact)
 KERNEL_BITS = (4, 8)
+# ``prmt.b32 d, a, b, sel``: byte i of d is byte ``sel >> 4 i & 7`` of ``{b, a}`` (a's bytes 0-3).
+PRMT_CODE = 0x7440  # + j: byte j of the word, then b = MAGIC_F32's bytes 0, 0, 3: fp32 2**23 + c
+PRMT_UPPER_HALVES = 0x7632  # a's bytes 2, 3 and b's: two fp32 -> a bf16 pair (truncating)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,14 @@ class MosaicConfig:
     5120 -> 6144. Prepared in round 16, lowered and simulated on the CPU, not yet run on a GPU.
     ``stream_k_ctas``: the CTAs per token tile of the stream-K launch (0: ``stream_k_plan``'s
     choice, the most up to one per SM); at least the launch's feature tiles, a divisor of their
-    iterations (e.g. the feature tiles themselves: every CTA one whole tile)."""
+    iterations (e.g. the feature tiles themselves: every CTA one whole tile). ``byte_perm`` (8-bit
+    codes only): each code is moved into the fp32 ``2**23 + c`` by one ``prmt.b32`` (byte select,
+    no shift or mask), ``2**23 + zero`` subtracted in fp32 (exact), the pair packed to bf16 by a
+    second ``prmt`` taking the upper halves (exact: ``|c - zero| <= 255`` has at most 8
+    significant bits) and scaled by one bf16x2 multiplication (one rounding, as before): per pair
+    of codes 3 integer, 2 fp32 and 1 bf16x2 instructions, no conversion instruction (the fp32 path:
+    shifts and LOP3s, 4 fp32 and one ``cvt.rn.bf16x2.f32``, which the CUDA guide lists at a quarter
+    of the integer throughput). The same weights bit for bit (NOTES round 17)."""
 
     block_m: int = 256
     depth: int = 64
@@ -131,6 +141,7 @@ class MosaicConfig:
     stream_k: bool = False
     rest_first: bool = False
     stream_k_ctas: int = 0
+    byte_perm: bool = False
 
     @property
     def cta_n(self) -> int:
@@ -147,7 +158,7 @@ class MosaicConfig:
                 + ({1: "", 0: "_tail"}.get(self.tail_splits, f"_tail{self.tail_splits}"))
                 + ("_l3" if self.lop3 else "") + ("_sk" if self.stream_k else "")
                 + ("_rf" if self.rest_first else "")
-                + (f"_c{self.stream_k_ctas}" if self.stream_k_ctas else ""))
+                + (f"_c{self.stream_k_ctas}" if self.stream_k_ctas else "") + ("_bp" if self.byte_perm else ""))
 
 
 def rows_per_step(bits: int, cfg: MosaicConfig) -> int:
@@ -193,6 +204,8 @@ def unsupported_reason(m: int, n: int, *, bits: int, group_size: int, in_feature
         return f"tail_splits={cfg.tail_splits} does not divide the {s // r} pipeline steps"
     if cfg.stream_k and (cfg.splits > 1 or cfg.tail_splits != 1 or cfg.token_split or cfg.interleave):
         return "stream_k is exclusive with splits, tail_splits, token_split and interleave"
+    if cfg.byte_perm and bits != 8:
+        return f"byte_perm selects whole bytes: it decodes 8-bit codes, not bits={bits}"
     if (cfg.rest_first or cfg.stream_k_ctas) and not cfg.stream_k:
         return "rest_first and stream_k_ctas shape the shares of stream_k: they need stream_k=True"
     return None
@@ -378,7 +391,7 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
     At 512 rows, N = 5120 (40 CTA columns) 176 tokens per CTA make 120 CTAs, one wave on 132
     SMs, where 256 give 80 CTAs; at N >= 34816, 256 keeps the decode amortised best."""
     sms = sms or num_sms()
-    cands = [c for c in map(schedule, BLOCK_M_CHOICES)
+    cands = [c for c in (schedule(b, bits) for b in BLOCK_M_CHOICES)
              if unsupported_reason(m, n, bits=bits, group_size=group_size, in_features=in_features,
                                    cfg=c) is None]
     if not cands:
@@ -393,18 +406,22 @@ def choose_config(m: int, n: int, *, bits: int, group_size: int, in_features: in
 # 10240 117 -> 89) and the fused LOP3 (1-2.5% at 176 tokens, 0-1% at 256). Switches for ablations.
 SCHEDULE_TAIL = True
 SCHEDULE_LOP3 = True
+# The byte-select decode of 8-bit codes (``MosaicConfig.byte_perm``): off until measured on a GPU.
+SCHEDULE_BYTE_PERM = False
 
 
-def schedule(block_m: int) -> MosaicConfig:
+def schedule(block_m: int, bits: int = 4) -> MosaicConfig:
     """The config ``choose_config`` gives a ``block_m`` (measured on an H100, NOTES rounds 13-15):
     pingpong at 256 tokens (1.5-4% faster at all seven issue shapes; at 176, 0-1.5% slower), the
     swizzled word tile everywhere (2-4% faster at all seven, int4 and int8; depth 64 gives 8 word
     rows per step at 4 bits and 16 at 8, so it always applies); with ``SCHEDULE_LOP3`` the fused
     LOP3, with ``SCHEDULE_TAIL`` the hybrid grid where the partials fit 32-token chunks (not at
     176; the same grid where the waves come out even, and the model prices the tail); not
-    ``interleave`` (13-44% slower)."""
+    ``interleave`` (13-44% slower); for 8-bit codes with ``SCHEDULE_BYTE_PERM`` the byte-select
+    decode."""
     return MosaicConfig(block_m=block_m, pingpong=block_m == 256, swizzle_words=True, lop3=SCHEDULE_LOP3,
-                        tail_splits=0 if SCHEDULE_TAIL and block_m % 32 == 0 else 1)
+                        tail_splits=0 if SCHEDULE_TAIL and block_m % 32 == 0 else 1,
+                        byte_perm=SCHEDULE_BYTE_PERM and bits == 8)
 
 
 def default_config(m: int, n: int, *, bits: int, group_size: int, in_features: int) -> MosaicConfig:
@@ -521,7 +538,8 @@ def word_coords(q, t: int, n, *, swizzled: bool, ops: _Ops = _Ops()):
 
 
 def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgroup: bool = True,
-                     swizzled: bool = False, cts: tuple[int, ...] | None = None, lop3: bool = False):
+                     swizzled: bool = False, cts: tuple[int, ...] | None = None, lop3: bool = False,
+                     byte_perm: bool = False):
     """Inline Mosaic GPU: this warpgroup's A fragment ``bf16 [64, depth]`` (module doc), or with
     ``cts`` only those 8-column tiles of it, ``bf16 [64, 8 len(cts)]`` (a slice of the step).
 
@@ -588,6 +606,14 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                 return llvm.inline_asm(i32, [word], f"lop3.b32 $0, $1, {mask:#x}, {magic:#x}, 0xEA;", "=r,r")
             return arith.ori(arith.andi(word, c(mask)), c(magic))
 
+        def prmt(a, b, selector):  # bytes of {b, a} picked by the selector's nibbles (PTX prmt.b32)
+            return llvm.inline_asm(i32, [a, b], f"prmt.b32 $0, $1, $2, {selector:#x};", "=r,r,r")
+
+        f32 = ir.F32Type.get()
+
+        def f32_halves(pair):  # uint32 bf16 pair -> its two values as fp32 scalars (exact)
+            return [arith.bitcast(f32, v) for v in (arith.shli(pair, c(16)), arith.andi(pair, c(-65536)))]
+
         def keep(f, vs):  # f over the loaded pairs, None stays None
             return [v if v is None else f(v) for v in vs]
 
@@ -597,7 +623,12 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
         for h in range(2):
             n_h = arith.addi(n0, c(8 * h))
             n = ix(n_h)
-            if bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
+            if byte_perm:  # fp32 2**23 + c - (2**23 + zero) exact, packed to bf16 exactly, one rounding
+                scale = keep(as_pair, load_pairs(sc, n))
+                big = arith.constant(f32, ir.FloatAttr.get(f32, float(2 ** 23)))
+                zero = (keep(lambda v: [arith.addf(h, big) for h in f32_halves(v)], load_pairs(zb[0], n)) if zb
+                        else [[arith.constant(f32, ir.FloatAttr.get(f32, float(2 ** 23 + z)))] * 2] * half)
+            elif bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
                 scale = keep(widen, load_pairs(sc, n))
                 zero = (keep(lambda v: arith.addf(widen(v), f32x2_splat(float(2 ** 23))), load_pairs(zb[0], n))
                         if zb else [f32x2_splat(float(2 ** 23 + z))] * half)
@@ -608,7 +639,11 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
                 coords = word_coords(q, t, n_h, swizzled=swizzled, ops=mlir_ops)
                 word = memref.load(w, [ix(v) for v in coords])
                 for m in fields:
-                    if bits == 8:
+                    if byte_perm:  # byte j of the word into byte 0 of fp32 2**23
+                        codes = [arith.bitcast(f32, prmt(word, c(MAGIC_F32), PRMT_CODE + j)) for j in (m, m + half)]
+                        diff = [arith.bitcast(i32, arith.subf(v, z_e)) for v, z_e in zip(codes, zero[m])]
+                        val = arith.mulf(as_pair(prmt(diff[0], diff[1], PRMT_UPPER_HALVES)), scale[m])
+                    elif bits == 8:
                         codes = [field(word, bits * j, 255, MAGIC_F32) for j in (m, m + half)]
                         prod = arith.mulf(arith.subf(f32_pair(*codes), zero[m]), scale[m])
                         val = arith.truncf(bf16x2, prod)
@@ -720,7 +755,8 @@ def quant_matmul_mosaic(x, packed, scales, zeros, *, bits: int, group_size: int,
                 acc_ref = more[-1]
                 x_wg = x_smem.at[pl.ds(wg * wm, wm)] if ts else x_smem
                 decode = functools.partial(_decode_fragment, w_smem, sc_smem, zb_smem, bits=bits, depth=d,
-                                           by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3)
+                                           by_warpgroup=not ts, swizzled=cfg.swizzle_words, lop3=cfg.lop3,
+                                           byte_perm=cfg.byte_perm)
                 if cfg.interleave:  # slice j's decode is issued after slice j - 1's wgmma
                     for j in range(d // 16):
                         plgpu.wgmma(acc_ref, decode(cts=(2 * j, 2 * j + 1)),

@@ -459,6 +459,68 @@ def test_lowers_for_cuda(cfg, zeros, bits):
     assert ("atom.relaxed.gpu.global.cas" in text) == cfg.stream_k
 
 
+@pytest.mark.parametrize("cfg", [km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True, byte_perm=True),
+                                 km.MosaicConfig(176, swizzle_words=True, byte_perm=True)], ids=lambda c: c.name)
+@pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
+def test_byte_perm_lowers_for_cuda(cfg, zeros):
+    """The byte-select decode of 8-bit codes lowers; per pair of codes two ``prmt`` for the codes
+    and one for the bf16 pack, no ``cvt`` to bf16x2 and no code LOP3 (the scales stay bf16 pairs)."""
+    sd = jax.ShapeDtypeStruct
+    k, n, gs, bits = 1024, 256, 32, 8
+    g = layout.num_groups(k, bits, gs)
+    f = jax.jit(lambda x, w, s, z: km.quant_matmul_mosaic(x, w, s, z, bits=bits, group_size=gs,
+                                                          in_features=k, cfg=cfg))
+    text = f.trace(sd((300, k), jnp.bfloat16), sd((layout.slab_rows(k, bits, gs), n), jnp.uint32),
+                   sd((g, n), jnp.bfloat16), sd((g, n), jnp.uint8) if zeros else None
+                   ).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert "prmt.b32" in text and "0x7632" in text and "0x7440" in text and "0x7442" in text
+    assert "lop3.b32" not in text
+
+
+def _prmt(a, b, selector):
+    """PTX ``prmt.b32`` (default mode) on uint32 arrays: byte i of the result is byte
+    ``selector >> 4 i & 7`` of the 8 bytes ``{b, a}`` (a's bytes are 0-3)."""
+    a, b = np.broadcast_arrays(np.asarray(a, np.uint32), np.asarray(b, np.uint32))
+    src = np.stack([(v >> np.uint32(8 * i)) & np.uint32(255) for v in (a, b) for i in range(4)], -1)
+    return sum(src[..., (selector >> 4 * i) & 7].astype(np.uint32) << np.uint32(8 * i) for i in range(4))
+
+
+def test_byte_perm_selectors_decode_every_code_and_zero_exactly():
+    """The byte-select decode on the host, instruction by instruction: every byte position of a
+    word, every code and zero (0..255) give ``c - zero`` exactly as a bf16 pair, the element-0
+    code in the low half."""
+    c, z = np.meshgrid(np.arange(256, dtype=np.uint32), np.arange(256, dtype=np.uint32), indexing="ij")
+    c, z = c.ravel(), z.ravel()
+    big = (np.float32(2 ** 23) + z.astype(np.float32)).astype(np.float32)
+    for j in range(4):
+        for other in range(4):
+            if other == j:
+                continue
+            word = (c << np.uint32(8 * j)) | (((c * 7 + 3) & 255) << np.uint32(8 * other))  # other bytes: noise
+            f = _prmt(word, km.MAGIC_F32, km.PRMT_CODE + j).view(np.float32)
+            assert np.array_equal(f, np.float32(2 ** 23) + c.astype(np.float32))
+            diff = (f - big).astype(np.float32).view(np.uint32)
+            pair = _prmt(diff, diff[::-1], km.PRMT_UPPER_HALVES)
+            lo = (pair << np.uint32(16)).view(np.float32)
+            hi = (pair & np.uint32(0xFFFF0000)).view(np.float32)
+            want = c.astype(np.float32) - z.astype(np.float32)
+            assert np.array_equal(lo, want) and np.array_equal(hi, want[::-1])
+
+
+def test_byte_perm_is_for_8_bit_codes_and_scheduled_only_there(monkeypatch):
+    kw = dict(group_size=128, in_features=5120)
+    cfg = km.MosaicConfig(swizzle_words=True, byte_perm=True)
+    assert km.unsupported_reason(512, 5120, bits=8, cfg=cfg, **kw) is None
+    assert "8-bit codes, not bits=4" in km.unsupported_reason(512, 5120, bits=4, cfg=cfg, **kw)
+    assert cfg.name.endswith("_bp")
+    monkeypatch.setattr(km, "SCHEDULE_BYTE_PERM", True)
+    assert km.choose_config(512, 5120, bits=8, sms=132, **kw).byte_perm
+    assert not km.choose_config(512, 5120, bits=4, sms=132, **kw).byte_perm
+    monkeypatch.setattr(km, "SCHEDULE_BYTE_PERM", False)
+    assert not km.choose_config(512, 5120, bits=8, sms=132, **kw).byte_perm
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma) and Pallas Mosaic GPU")
 @pytest.mark.parametrize("case", CASES + [(600, 17408, 5120, 128, True)],
@@ -499,7 +561,9 @@ def test_kernel_matches_reference_gpu(rng, case, cfg):
                                  km.MosaicConfig(swizzle_words=True, interleave=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True),
                                  km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True),
-                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True, rest_first=True)],
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, stream_k=True, rest_first=True),
+                                 km.MosaicConfig(pingpong=True, swizzle_words=True, lop3=True, byte_perm=True),
+                                 km.MosaicConfig(176, swizzle_words=True, byte_perm=True)],
                          ids=lambda c: c.name)
 def test_int8_kernel_matches_reference_gpu(rng, case, cfg):
     """8-bit codes: the fp32 decode (codes and zeros up to 255) in the compiled kernel."""
