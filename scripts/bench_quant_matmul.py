@@ -493,12 +493,17 @@ def main():
     ap.add_argument("--no-mosaic-switches", action="store_true",
                     help="kernel_mosaic.SCHEDULE_TAIL and SCHEDULE_LOP3 off (no hybrid grid and no fused "
                          "LOP3 in the default prefill config: the defaults before NOTES round 16)")
+    ap.add_argument("--byte-perm", action="store_true",
+                    help="kernel_mosaic.SCHEDULE_BYTE_PERM on: the byte-select decode of 8-bit codes in the "
+                         "default prefill config (NOTES round 17; off until measured)")
     args = ap.parse_args()
     global INTERPRET, SHAPES, ROWS, CACHE_BYTES
     if args.rows:
         ROWS = [int(r) for r in args.rows.split(",")]
     if args.no_mosaic_switches:
         km.SCHEDULE_TAIL = km.SCHEDULE_LOP3 = False
+    if args.byte_perm:
+        km.SCHEDULE_BYTE_PERM = True
     if args.smoke:
         INTERPRET, SHAPES, ROWS, CACHE_BYTES = True, [(256, 512)], [1, 64], 1
     t_start = time.perf_counter()

@@ -41,6 +41,7 @@ accumulator of 64 x block_m). Per step each compute warpgroup decodes its A frag
 exactly, minus ``2**23 + zero`` gives ``c - zero``, times the scale is exact in fp32 (8 x 8
 significant bits), and one ``bf16x2`` conversion rounds the pair once: the same weights as the
 4-bit path's bf16 arithmetic would give, at about twice the instructions per weight.
+``MosaicConfig.byte_perm`` gets the same weights with byte selects and no conversion.
 
 Other widths and shapes this kernel does not cover (``unsupported_reason``) stay on the
 dequantize-then-GEMM path.
