@@ -627,7 +627,7 @@ def _decode_fragment(w_ref, sc_ref, zb_ref, *, bits: int, depth: int, by_warpgro
             if byte_perm:  # fp32 2**23 + c - (2**23 + zero) exact, packed to bf16 exactly, one rounding
                 scale = keep(as_pair, load_pairs(sc, n))
                 big = arith.constant(f32, ir.FloatAttr.get(f32, float(2 ** 23)))
-                zero = (keep(lambda v: [arith.addf(h, big) for h in f32_halves(v)], load_pairs(zb[0], n)) if zb
+                zero = (keep(lambda v: [arith.addf(e, big) for e in f32_halves(v)], load_pairs(zb[0], n)) if zb
                         else [[arith.constant(f32, ir.FloatAttr.get(f32, float(2 ** 23 + z)))] * 2] * half)
             elif bits == 8:  # fp32: 2**23 + c - (2**23 + zero) exact, times the scale exact, one rounding
                 scale = keep(widen, load_pairs(sc, n))

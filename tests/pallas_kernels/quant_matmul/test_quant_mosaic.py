@@ -463,8 +463,10 @@ def test_lowers_for_cuda(cfg, zeros, bits):
                                  km.MosaicConfig(176, swizzle_words=True, byte_perm=True)], ids=lambda c: c.name)
 @pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
 def test_byte_perm_lowers_for_cuda(cfg, zeros):
-    """The byte-select decode of 8-bit codes lowers; per pair of codes two ``prmt`` for the codes
-    and one for the bf16 pack, no ``cvt`` to bf16x2 and no code LOP3 (the scales stay bf16 pairs)."""
+    """The byte-select decode of 8-bit codes lowers, with its own ``prmt`` for each of the four
+    byte positions and the one for the bf16 pack, and without the code LOP3. (The lowered text
+    holds the kernel as bytecode, whose string table lists each distinct string once: Mosaic's own
+    code has a ``prmt.b32`` and an ``arith.truncf`` of its own, so only these exact strings tell.)"""
     sd = jax.ShapeDtypeStruct
     k, n, gs, bits = 1024, 256, 32, 8
     g = layout.num_groups(k, bits, gs)
@@ -474,8 +476,9 @@ def test_byte_perm_lowers_for_cuda(cfg, zeros):
                    sd((g, n), jnp.bfloat16), sd((g, n), jnp.uint8) if zeros else None
                    ).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    assert "prmt.b32" in text and "0x7632" in text and "0x7440" in text and "0x7442" in text
-    assert "lop3.b32" not in text
+    for selector in [km.PRMT_CODE + j for j in range(4)] + [km.PRMT_UPPER_HALVES]:
+        assert f"prmt.b32 $0, $1, $2, {selector:#x};" in text, hex(selector)
+    assert "lop3.b32" not in text  # the 256-token config has lop3=True: byte_perm takes over its fields
 
 
 def _prmt(a, b, selector):
